@@ -1,0 +1,346 @@
+//! Backend and device choice.
+//!
+//! Kernels are generic over [`BackendRuntime`]; a binary picks the backend at run time
+//! (`--backend`, else the `CUBELLAMA_BACKEND` environment variable, else wgpu when compiled in)
+//! and calls generic code through [`on_device`].
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use cubecl::prelude::*;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+
+/// A compute backend this project can be built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// CubeCL's wgpu runtime (WGSL through Vulkan/Metal/DX12; Mesa's lavapipe on a CPU).
+    Wgpu,
+    /// CubeCL's CUDA runtime (CUDA C++ through NVRTC).
+    Cuda,
+}
+
+impl Backend {
+    /// Environment variable read when no `--backend` is given.
+    pub const ENV: &'static str = "CUBELLAMA_BACKEND";
+    pub const ALL: [Backend; 2] = [Backend::Wgpu, Backend::Cuda];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Wgpu => "wgpu",
+            Backend::Cuda => "cuda",
+        }
+    }
+
+    pub fn is_compiled(self) -> bool {
+        match self {
+            Backend::Wgpu => cfg!(feature = "wgpu"),
+            Backend::Cuda => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// The backends compiled into this binary, in order of preference for the default.
+    pub fn compiled() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.is_compiled()).collect()
+    }
+
+    /// The explicit choice if given, else `CUBELLAMA_BACKEND`, else the first compiled backend.
+    /// Errors if the chosen backend is not compiled in.
+    pub fn resolve(explicit: Option<Backend>) -> Result<Backend> {
+        let chosen = match explicit {
+            Some(b) => b,
+            None => match std::env::var(Self::ENV) {
+                Ok(name) if !name.trim().is_empty() => name.parse()?,
+                _ => *Self::compiled().first().ok_or_else(|| Error::BackendNotCompiled {
+                    backend: Backend::Wgpu,
+                    compiled: "none".into(),
+                })?,
+            },
+        };
+        chosen.ensure_compiled()?;
+        Ok(chosen)
+    }
+
+    pub fn ensure_compiled(self) -> Result<()> {
+        if self.is_compiled() {
+            return Ok(());
+        }
+        let compiled = Self::compiled();
+        Err(Error::BackendNotCompiled {
+            backend: self,
+            compiled: if compiled.is_empty() {
+                "none".into()
+            } else {
+                compiled.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
+            },
+        })
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "wgpu" => Ok(Backend::Wgpu),
+            "cuda" => Ok(Backend::Cuda),
+            _ => Err(Error::UnknownBackend { name: s.to_string() }),
+        }
+    }
+}
+
+/// A CubeCL runtime that this project knows how to open.
+pub trait BackendRuntime: Runtime {
+    const BACKEND: Backend;
+    fn default_device() -> Self::Device;
+}
+
+#[cfg(feature = "wgpu")]
+impl BackendRuntime for cubecl::wgpu::WgpuRuntime {
+    const BACKEND: Backend = Backend::Wgpu;
+    /// The high-performance adapter; `CUBECL_WGPU_DEFAULT_DEVICE=Cpu` forces lavapipe.
+    fn default_device() -> Self::Device {
+        cubecl::wgpu::WgpuDevice::DefaultDevice
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BackendRuntime for cubecl::cuda::CudaRuntime {
+    const BACKEND: Backend = Backend::Cuda;
+    fn default_device() -> Self::Device {
+        cubecl::cuda::CudaDevice { index: 0 }
+    }
+}
+
+/// What a kernel launcher needs to know about the device, read once when it is opened.
+#[derive(Debug)]
+pub struct DeviceInfo {
+    pub backend: Backend,
+    /// CubeCL's name for the runtime and compiler, e.g. `wgpu<wgsl>` or `cuda`.
+    pub runtime_name: &'static str,
+    pub device: String,
+    /// Whether the device advertises plane (subgroup/warp) operations.
+    pub plane_ops: bool,
+    pub plane_size_min: u32,
+    pub plane_size_max: u32,
+    pub max_units_per_cube: u32,
+    pub max_cube_count_x: u32,
+    pub max_shared_memory_bytes: usize,
+    pub max_buffer_bytes: u64,
+    pub streaming_multiprocessors: Option<u32>,
+    pub cpu_cores: Option<u32>,
+    pub max_vector_size: usize,
+    /// Device-thread panics already reported by this device (see [`Device::check`]).
+    panics_reported: AtomicUsize,
+}
+
+impl fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} on {} (plane ops {}, plane size {}..{}, {} units/cube, {} KiB shared memory, \
+             largest buffer {} MiB",
+            self.runtime_name,
+            self.device,
+            if self.plane_ops { "advertised" } else { "not advertised" },
+            self.plane_size_min,
+            self.plane_size_max,
+            self.max_units_per_cube,
+            self.max_shared_memory_bytes / 1024,
+            self.max_buffer_bytes >> 20,
+        )?;
+        if let Some(sms) = self.streaming_multiprocessors {
+            write!(f, ", {sms} SMs")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// An opened device: a CubeCL client plus what launchers need to know about it.
+/// Cheap to clone; clones share the client.
+pub struct Device<R: Runtime> {
+    client: ComputeClient<R>,
+    info: Arc<DeviceInfo>,
+}
+
+impl<R: Runtime> Clone for Device<R> {
+    fn clone(&self) -> Self {
+        Self { client: self.client.clone(), info: self.info.clone() }
+    }
+}
+
+impl<R: BackendRuntime> Device<R> {
+    /// Opens the backend's default device. A missing driver or adapter is an error, not a panic.
+    pub fn open() -> Result<Self> {
+        install_panic_monitor();
+        let device = R::default_device();
+        let device_name = format!("{device:?}");
+        let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(&device))).map_err(|payload| {
+            Error::NoDevice { backend: R::BACKEND, reason: panic_message(payload.as_ref()) }
+        })?;
+        Ok(Self::from_client(client, device_name))
+    }
+
+    fn from_client(client: ComputeClient<R>, device: String) -> Self {
+        let props = client.properties();
+        let hw = &props.hardware;
+        let info = DeviceInfo {
+            backend: R::BACKEND,
+            runtime_name: R::name(&client),
+            device,
+            plane_ops: client.features().plane.contains(cubecl::features::Plane::Ops),
+            plane_size_min: hw.plane_size_min,
+            plane_size_max: hw.plane_size_max,
+            max_units_per_cube: hw.max_units_per_cube,
+            max_cube_count_x: hw.max_cube_count.0,
+            max_shared_memory_bytes: hw.max_shared_memory_size,
+            max_buffer_bytes: props.memory.max_page_size,
+            streaming_multiprocessors: hw.num_streaming_multiprocessors,
+            cpu_cores: hw.num_cpu_cores,
+            max_vector_size: hw.max_vector_size,
+            panics_reported: AtomicUsize::new(DEVICE_PANICS.load(Ordering::SeqCst)),
+        };
+        Self { client, info: Arc::new(info) }
+    }
+}
+
+impl<R: Runtime> Device<R> {
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.info.backend
+    }
+
+    /// Whether kernels may use element type `E` on this device.
+    pub fn supports<E: Element>(&self) -> bool {
+        self.client.properties().supports_type(E::as_type_native_unchecked())
+    }
+
+    /// Errors naming `op` when `E` is unsupported: checked before every launch, because a
+    /// kernel the backend cannot compile fails silently on the device thread.
+    pub fn check_dtype<E: Element>(&self, op: &'static str) -> Result<()> {
+        if self.supports::<E>() {
+            return Ok(());
+        }
+        Err(Error::UnsupportedDType {
+            op,
+            dtype: E::DTYPE,
+            backend: self.backend(),
+            hint: match (E::DTYPE, self.backend()) {
+                (crate::DType::BF16, Backend::Wgpu) => {
+                    " (WGSL has no bf16: use f32 or f16 on wgpu, bf16 on cuda)"
+                }
+                _ => "",
+            },
+        })
+    }
+
+    /// The widest vector (in elements of `E`) that the device loads in one instruction and
+    /// that divides `len`, so rows of `len` elements split into whole vectors.
+    pub fn vector_size<E: Element>(&self, len: usize) -> usize {
+        self.client
+            .io_optimized_vector_sizes(size_of::<E>())
+            .find(|&v| len % v == 0)
+            .unwrap_or(1)
+    }
+
+    /// Cubes for a grid-stride launch over `work_items` independent items: at most the
+    /// per-dimension limit (65535 on most devices; more kills a wgpu client).
+    pub fn grid_cubes(&self, work_items: usize) -> u32 {
+        work_items.clamp(1, self.info.max_cube_count_x as usize) as u32
+    }
+
+    /// Waits for every queued launch, then reports a kernel that failed on the device thread.
+    pub fn sync(&self, op: &'static str) -> Result<()> {
+        let device_error = |e| Error::Device { op, message: format!("{e:?}") };
+        // `flush` reports launch errors the server recorded (e.g. too much shared memory).
+        self.client.flush().map_err(device_error)?;
+        cubecl::future::block_on(self.client.sync()).map_err(device_error)?;
+        self.check(op)
+    }
+
+    /// Reports a panic on a CubeCL device thread since the last check (a kernel that failed to
+    /// compile or launch). CubeCL itself returns `Ok` in that case and leaves outputs untouched.
+    pub fn check(&self, op: &'static str) -> Result<()> {
+        let now = DEVICE_PANICS.load(Ordering::SeqCst);
+        let before = self.info.panics_reported.swap(now, Ordering::SeqCst);
+        if now == before {
+            return Ok(());
+        }
+        let last = LAST_DEVICE_PANIC.lock().map(|m| m.clone()).unwrap_or_default();
+        Err(Error::Device {
+            op,
+            message: format!(
+                "{} kernel failure(s) on the device thread; last: {}",
+                now - before,
+                last.unwrap_or_else(|| "(no message)".into())
+            ),
+        })
+    }
+}
+
+/// Generic work to run on whichever backend was chosen at run time.
+pub trait OnDevice {
+    type Output;
+    fn run<R: BackendRuntime>(self, device: &Device<R>) -> Self::Output;
+}
+
+/// Opens `backend`'s default device and runs `task` on it.
+pub fn on_device<T: OnDevice>(backend: Backend, task: T) -> Result<T::Output> {
+    backend.ensure_compiled()?;
+    match backend {
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Ok(task.run(&Device::<cubecl::wgpu::WgpuRuntime>::open()?)),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => Ok(task.run(&Device::<cubecl::cuda::CudaRuntime>::open()?)),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::BackendNotCompiled { backend: other, compiled: "none".into() }),
+    }
+}
+
+static DEVICE_PANICS: AtomicUsize = AtomicUsize::new(0);
+static LAST_DEVICE_PANIC: Mutex<Option<String>> = Mutex::new(None);
+
+/// CubeCL runs each device's server on a thread named `DSU-..`/`DSD-..`; a kernel that fails to
+/// compile panics there and the caller sees nothing. Count those panics so [`Device::check`]
+/// can turn them into errors. The previous hook still prints the message.
+fn install_panic_monitor() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let on_device_thread = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("DSU-") || n.starts_with("DSD-"));
+            if on_device_thread {
+                if let Ok(mut last) = LAST_DEVICE_PANIC.lock() {
+                    *last = Some(format!("{info}"));
+                }
+                DEVICE_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panicked while opening the device".into()
+    }
+}
