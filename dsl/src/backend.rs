@@ -181,8 +181,23 @@ impl<R: BackendRuntime> Device<R> {
         install_panic_monitor();
         let device = R::default_device();
         let device_name = format!("{device:?}");
-        let client = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(&device))).map_err(|payload| {
-            Error::NoDevice { backend: R::BACKEND, reason: panic_message(payload.as_ref()) }
+        let panics_before = DEVICE_PANICS.load(Ordering::SeqCst);
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(&device)));
+        let client = opened.map_err(|payload| {
+            // The real cause is usually a panic on the device thread; the caller's own panic
+            // is only the channel to that thread closing.
+            let device_panic = (DEVICE_PANICS.load(Ordering::SeqCst) != panics_before)
+                .then(|| LAST_DEVICE_PANIC.lock().ok().and_then(|m| m.clone()))
+                .flatten();
+            let reason = device_panic.unwrap_or_else(|| panic_message(payload.as_ref()));
+            let hint = match R::BACKEND {
+                Backend::Wgpu => {
+                    " (no Vulkan/Metal/DX12 adapter? Without a GPU on Debian/Ubuntu: \
+                     apt-get install mesa-vulkan-drivers libvulkan1)"
+                }
+                Backend::Cuda => " (needs an NVIDIA driver, libnvrtc and the CUDA headers: set CUDA_PATH)",
+            };
+            Error::NoDevice { backend: R::BACKEND, reason: format!("{reason}{hint}") }
         })?;
         Ok(Self::from_client(client, device_name))
     }
@@ -250,10 +265,7 @@ impl<R: Runtime> Device<R> {
     /// The widest vector (in elements of `E`) that the device loads in one instruction and
     /// that divides `len`, so rows of `len` elements split into whole vectors.
     pub fn vector_size<E: Element>(&self, len: usize) -> usize {
-        self.client
-            .io_optimized_vector_sizes(size_of::<E>())
-            .find(|&v| len % v == 0)
-            .unwrap_or(1)
+        self.client.io_optimized_vector_sizes(size_of::<E>()).find(|&v| len.is_multiple_of(v)).unwrap_or(1)
     }
 
     /// Cubes for a grid-stride launch over `work_items` independent items: at most the
@@ -321,9 +333,8 @@ fn install_panic_monitor() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let on_device_thread = std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("DSU-") || n.starts_with("DSD-"));
+            let on_device_thread =
+                std::thread::current().name().is_some_and(|n| n.starts_with("DSU-") || n.starts_with("DSD-"));
             if on_device_thread {
                 if let Ok(mut last) = LAST_DEVICE_PANIC.lock() {
                     *last = Some(format!("{info}"));
@@ -342,5 +353,28 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "panicked while opening the device".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_names_parse_and_unknown_ones_are_named() {
+        assert_eq!("wgpu".parse::<Backend>().unwrap(), Backend::Wgpu);
+        assert_eq!(" CUDA ".parse::<Backend>().unwrap(), Backend::Cuda);
+        let err = "metal".parse::<Backend>().unwrap_err();
+        assert_eq!(err.to_string(), "unknown backend `metal`: expected one of wgpu, cuda");
+    }
+
+    #[test]
+    fn a_backend_that_is_not_compiled_in_says_how_to_get_it() {
+        for backend in Backend::ALL {
+            match backend.ensure_compiled() {
+                Ok(()) => assert!(backend.is_compiled()),
+                Err(e) => assert!(e.to_string().contains(&format!("--features {backend}")), "{e}"),
+            }
+        }
     }
 }

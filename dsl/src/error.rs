@@ -52,12 +52,7 @@ impl Error {
         if actual == expected {
             Ok(())
         } else {
-            Err(Error::ShapeMismatch {
-                op,
-                tensor,
-                expected: expected.to_vec(),
-                actual: actual.to_vec(),
-            })
+            Err(Error::ShapeMismatch { op, tensor, expected: expected.to_vec(), actual: actual.to_vec() })
         }
     }
 }

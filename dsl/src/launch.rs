@@ -24,7 +24,7 @@ impl RowLayout {
     /// limit) that covers the row with at most [`TARGET_SLOTS`] vectors per unit; slots rounded
     /// up to a power of two so few variants get compiled.
     pub fn for_row<R: Runtime>(device: &Device<R>, op: &'static str, vectors: usize) -> Result<Self> {
-        let max_units = device.info().max_units_per_cube.min(1024).max(1);
+        let max_units = device.info().max_units_per_cube.clamp(1, 1024);
         let max_units = 1u32 << (31 - max_units.leading_zeros()); // floor to a power of two
         let min_units = 32.min(max_units);
         let units = (vectors.div_ceil(TARGET_SLOTS).next_power_of_two() as u32).clamp(min_units, max_units);

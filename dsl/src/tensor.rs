@@ -68,12 +68,7 @@ impl<R: Runtime, E: Element> GpuTensor<R, E> {
     }
 
     fn from_handle(handle: Handle, shape: &[usize]) -> Self {
-        Self {
-            handle,
-            shape: shape.to_vec(),
-            strides: row_major_strides(shape),
-            _marker: PhantomData,
-        }
+        Self { handle, shape: shape.to_vec(), strides: row_major_strides(shape), _marker: PhantomData }
     }
 
     /// Copies `data` (row-major, `shape.iter().product()` elements) to the device.

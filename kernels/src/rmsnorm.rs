@@ -48,7 +48,10 @@ impl RmsNormConfig {
     }
 
     fn validate<R: Runtime>(&self, device: &Device<R>, op: &'static str, cols: usize) -> Result<()> {
-        if self.vector_size == 0 || cols % self.vector_size != 0 || self.vector_size > device.info().max_vector_size {
+        if self.vector_size == 0
+            || !cols.is_multiple_of(self.vector_size)
+            || self.vector_size > device.info().max_vector_size
+        {
             return Err(Error::Unsupported {
                 op,
                 message: format!(
@@ -275,7 +278,6 @@ pub fn rmsnorm_backward_scratch_rows<R: Runtime>(device: &Device<R>, rows: usize
 
 /// RMSNorm backward: `dx =`, `dweight +=`. `scratch` is an f32 `[G, C]` buffer (any `G ≥ 1`,
 /// see [`rmsnorm_backward_scratch_rows`]); its contents are overwritten.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
     dx: &mut GpuTensor<R, F>,
@@ -291,7 +293,6 @@ pub fn rmsnorm_backward<R: Runtime, F: FloatElement>(
 }
 
 /// RMSNorm backward with an explicit configuration.
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement>(
     device: &Device<R>,
     dx: &mut GpuTensor<R, F>,

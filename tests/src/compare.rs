@@ -88,11 +88,9 @@ pub fn check_close_scaled(
             mismatches.push(i);
         }
         // NaN compares false with everything: make it the worst explicitly.
-        if diff.is_nan() || diff > max_diff {
-            if !max_diff.is_nan() {
-                max_diff = if diff.is_nan() { f64::NAN } else { diff };
-                worst = i;
-            }
+        if !max_diff.is_nan() && (diff.is_nan() || diff > max_diff) {
+            max_diff = diff;
+            worst = i;
         }
         if diff.is_finite() {
             sum_diff += diff;

@@ -55,7 +55,9 @@ fn oversized_shared_memory<R: BackendRuntime>(dev: &Device<R>) {
         out.as_array_arg(),
         too_many,
     );
-    let err = dev.sync("oversized shared memory").expect_err("a launch over the shared-memory limit must be reported");
+    let err = dev
+        .sync("oversized shared memory")
+        .expect_err("a launch over the shared-memory limit must be reported");
     assert!(err.to_string().contains("oversized shared memory"), "{err}");
 }
 

@@ -68,8 +68,15 @@ fn check<R: BackendRuntime>(
     let want_max: Vec<f64> = (0..rows).map(|r| row(r).iter().copied().fold(f64::MIN, f64::max)).collect();
     let what = format!("{rows}×{cols}, {cfg:?}, {cubes} cubes");
     let got_sum = sums.to_f64_vec(dev).map_err(fail)?;
-    check_close_scaled(&format!("sum {what}"), &got_sum, &want_sum, &magnitude, &[rows], Tolerance::for_dtype(dsl::DType::F32))
-        .map_err(TestCaseError::fail)?;
+    check_close_scaled(
+        &format!("sum {what}"),
+        &got_sum,
+        &want_sum,
+        &magnitude,
+        &[rows],
+        Tolerance::for_dtype(dsl::DType::F32),
+    )
+    .map_err(TestCaseError::fail)?;
     // A max involves no rounding: it must be exact.
     let got_max = maxima.to_f64_vec(dev).map_err(fail)?;
     check_close(&format!("max {what}"), &got_max, &want_max, &[rows], Tolerance { atol: 0.0, rtol: 0.0 })

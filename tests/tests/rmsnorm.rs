@@ -3,8 +3,8 @@
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
 use kernels::reference::rmsnorm as reference;
 use kernels::rmsnorm::{
-    RmsNormConfig, rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_backward_with,
-    rmsnorm_forward, rmsnorm_forward_with,
+    RmsNormConfig, rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_backward_with, rmsnorm_forward,
+    rmsnorm_forward_with,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -25,14 +25,9 @@ fn cases(max_rows: usize) -> impl Strategy<Value = Case> {
         1 => prop::sample::select(vec![1usize, 3, 17, 127, 4095, 4097]),
         1 => 1usize..=5000,
     ];
-    (1..=max_rows, cols, any::<u64>(), -2.0f64..2.0, prop::sample::select(vec![1e-5, 1e-6]))
-        .prop_map(|(rows, cols, seed, log_scale, eps)| Case {
-            rows,
-            cols,
-            seed,
-            x_scale: 10f64.powf(log_scale),
-            eps,
-        })
+    (1..=max_rows, cols, any::<u64>(), -2.0f64..2.0, prop::sample::select(vec![1e-5, 1e-6])).prop_map(
+        |(rows, cols, seed, log_scale, eps)| Case { rows, cols, seed, x_scale: 10f64.powf(log_scale), eps },
+    )
 }
 
 struct Inputs {
@@ -58,15 +53,13 @@ fn inputs<F: TestFloat>(case: &Case) -> Inputs {
 /// the narrowest cube (32 units, many register slots) where it covers the row.
 fn variants<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, cols: usize) -> Vec<RmsNormConfig> {
     let selected = RmsNormConfig::select::<R, F>(dev, cols).expect("config for a supported width");
-    let mut out = vec![
-        RmsNormConfig { use_plane: false, ..selected },
-        RmsNormConfig { use_plane: true, ..selected },
-    ];
+    let mut out =
+        vec![RmsNormConfig { use_plane: false, ..selected }, RmsNormConfig { use_plane: true, ..selected }];
     let row_vectors = cols / selected.vector_size;
     let slots = row_vectors.div_ceil(32).next_power_of_two() as u32;
     if slots <= dsl::launch::MAX_ROW_SLOTS && selected.layout.units != 32 {
         let layout = dsl::launch::RowLayout { units: 32, slots };
-        out.push(RmsNormConfig { layout, use_plane: slots % 2 == 0, ..selected });
+        out.push(RmsNormConfig { layout, use_plane: slots.is_multiple_of(2), ..selected });
     }
     out
 }
@@ -84,7 +77,14 @@ fn check_case<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> 
     let mut want_dx = vec![0.0; rows * cols];
     let mut want_dweight = inp.dweight_before.clone();
     reference::rmsnorm_backward(
-        &mut want_dx, &mut want_dweight, &inp.dout, &inp.x, &inp.weight, &want_rstd, rows, cols,
+        &mut want_dx,
+        &mut want_dweight,
+        &inp.dout,
+        &inp.x,
+        &inp.weight,
+        &want_rstd,
+        rows,
+        cols,
     );
 
     // Rounding errors scale with the terms a result is summed from (see `check_close_scaled`):
@@ -94,10 +94,12 @@ fn check_case<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> 
     for r in 0..rows {
         let (s, base) = (want_rstd[r], r * cols);
         let mean_abs_gx =
-            (0..cols).map(|c| (inp.dout[base + c] * inp.weight[c] * inp.x[base + c]).abs()).sum::<f64>() / cols as f64;
+            (0..cols).map(|c| (inp.dout[base + c] * inp.weight[c] * inp.x[base + c]).abs()).sum::<f64>()
+                / cols as f64;
         for c in 0..cols {
             let i = base + c;
-            dx_magnitude[i] = (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
+            dx_magnitude[i] =
+                (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
             dweight_magnitude[c] += (inp.dout[i] * inp.x[i] * s).abs();
         }
     }
@@ -204,7 +206,8 @@ fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
         let mut scratch =
             GpuTensor::<R, f32>::uninit(dev, &[rmsnorm_backward_scratch_rows(dev, rows), cols]).unwrap();
         rmsnorm_backward(dev, &mut dx, &mut dweight, &mut scratch, &dout, &x, &weight, &rstd).unwrap();
-        let bits = |t: &GpuTensor<R, f32>| t.to_vec(dev).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits =
+            |t: &GpuTensor<R, f32>| t.to_vec(dev).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         (bits(&out), bits(&rstd), bits(&dx), bits(&dweight))
     };
     let first = run();

@@ -1,1 +1,62 @@
-fn main(){}
+//! `cargo xtask`: the project's task runner (alias in `.cargo/config.toml`).
+//!
+//! - `cargo xtask test [--backend wgpu|cuda]`: every test of the workspace.
+//! - `cargo xtask bench [--backend wgpu|cuda] [--json]`: copy bandwidth, then each kernel's
+//!   achieved bandwidth and its fraction of the copy bandwidth.
+//!
+//! `train`, `sft`, `eval` and `generate` arrive with the model and trainer.
+
+mod bench;
+mod cargo;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use dsl::Backend;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, test and benchmark the Llama2 kernels", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// `--backend`, shared by every command; falls back to `CUBELLAMA_BACKEND`, then wgpu.
+#[derive(clap::Args, Clone, Debug)]
+struct BackendArg {
+    /// Compute backend: wgpu (Vulkan/Metal/DX12, lavapipe without a GPU) or cuda.
+    #[arg(long, env = "CUBELLAMA_BACKEND", value_parser = parse_backend)]
+    backend: Option<Backend>,
+}
+
+impl BackendArg {
+    /// The chosen backend if this binary has it; otherwise rebuilds xtask with it, re-runs the
+    /// same command there and returns `None`.
+    fn resolve_or_reexec(&self) -> Result<Option<Backend>> {
+        let backend = self.backend.unwrap_or(Backend::resolve(None).unwrap_or(Backend::Wgpu));
+        if cargo::reexec_with_backend(backend)? {
+            return Ok(None);
+        }
+        Ok(Some(Backend::resolve(Some(backend))?))
+    }
+}
+
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    s.parse().map_err(|e: dsl::Error| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every test in the workspace on the chosen backend.
+    Test(test::TestArgs),
+    /// Measure copy bandwidth and each kernel's bandwidth on the chosen backend.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
+    }
+}
