@@ -264,7 +264,11 @@ impl<R: Runtime> Device<R> {
 
     /// The widest vector (in elements of `E`) that the device loads in one instruction and
     /// that divides `len`, so rows of `len` elements split into whole vectors.
+    /// An empty tensor gets 1: its buffer holds a single placeholder element, not a vector.
     pub fn vector_size<E: Element>(&self, len: usize) -> usize {
+        if len == 0 {
+            return 1;
+        }
         self.client.io_optimized_vector_sizes(size_of::<E>()).find(|&v| len.is_multiple_of(v)).unwrap_or(1)
     }
 

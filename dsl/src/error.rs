@@ -32,6 +32,19 @@ pub enum Error {
     )]
     TooLarge { op: &'static str, shape: Vec<usize>, bytes: u64, max_bytes: u64 },
 
+    #[error("{op}: {what} {value} at position {position} is outside the vocabulary of {vocab_size}{allowed}")]
+    OutOfVocabulary {
+        op: &'static str,
+        what: &'static str,
+        position: usize,
+        value: i64,
+        vocab_size: usize,
+        allowed: &'static str,
+    },
+
+    #[error("{op}: {message}")]
+    InvalidArgument { op: &'static str, message: String },
+
     #[error("{op}: {message}")]
     Unsupported { op: &'static str, message: String },
 

@@ -24,8 +24,7 @@ impl RowLayout {
     /// limit) that covers the row with at most [`TARGET_SLOTS`] vectors per unit; slots rounded
     /// up to a power of two so few variants get compiled.
     pub fn for_row<R: Runtime>(device: &Device<R>, op: &'static str, vectors: usize) -> Result<Self> {
-        let max_units = device.info().max_units_per_cube.clamp(1, 1024);
-        let max_units = 1u32 << (31 - max_units.leading_zeros()); // floor to a power of two
+        let max_units = cube_units(device, 1024);
         let min_units = 32.min(max_units);
         let units = (vectors.div_ceil(TARGET_SLOTS).next_power_of_two() as u32).clamp(min_units, max_units);
         let slots = (vectors.div_ceil(units as usize).max(1).next_power_of_two()) as u32;
@@ -61,4 +60,18 @@ impl RowLayout {
             })
         }
     }
+}
+
+/// Cube count and size for an elementwise kernel over `work_items` items (vectors), one item
+/// per unit, grid-striding when the items outnumber the cube-count limit.
+pub fn elementwise_grid<R: Runtime>(device: &Device<R>, work_items: usize) -> (CubeCount, CubeDim) {
+    let units = crate::ELEMENTWISE_UNITS;
+    let cubes = device.grid_cubes(work_items.div_ceil(units as usize));
+    (CubeCount::Static(cubes, 1, 1), CubeDim::new_1d(units))
+}
+
+/// The largest power of two ≤ `wanted` that the device allows in one cube (at least 1).
+pub fn cube_units<R: Runtime>(device: &Device<R>, wanted: u32) -> u32 {
+    let limit = wanted.min(device.info().max_units_per_cube).max(1);
+    1 << (31 - limit.leading_zeros())
 }

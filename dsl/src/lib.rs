@@ -5,7 +5,17 @@
 //!   runtime-generic code from a run-time choice.
 //! - [`GpuTensor`]: a typed, contiguous device tensor with upload, download, zeros and copy.
 //! - [`reduce`]: cube-wide `#[cube]` reductions (sum, max) that row kernels share.
+//! - [`math`]: pointwise `#[cube]` helpers (sigmoid, SiLU).
 //! - [`launch`]: launch-geometry helpers shared by the kernel launchers.
+//!
+//! ## Tensor layout (fixed here, used everywhere)
+//!
+//! Activations are row-major with tokens outermost: `[B, T, C]` for hidden states and
+//! `[B, T, H, hd]` for attention heads (`H = Hq` for queries, `Hkv` for keys and values), so
+//! the output of a `[T, H·hd]` projection *is* the head tensor, with no transpose. Within a
+//! head, RoPE pairs element `i` with `i + hd/2` (Hugging Face's rotate-half), so Hugging Face
+//! checkpoints load without permuting q/k weights. Position of token `t` is
+//! `position_offset + t`, the same for every batch row.
 //!
 //! It is the only crate that names concrete CubeCL runtimes; kernels are generic over
 //! [`BackendRuntime`].
@@ -19,6 +29,7 @@ pub mod backend;
 pub mod element;
 pub mod error;
 pub mod launch;
+pub mod math;
 mod memory;
 pub mod reduce;
 pub mod tensor;
@@ -27,7 +38,9 @@ pub use backend::{Backend, BackendRuntime, Device, DeviceInfo, OnDevice, on_devi
 pub use element::{DType, Element, FloatElement};
 pub use error::{Error, Result};
 pub use memory::ELEMENTWISE_UNITS;
-pub use reduce::{CubeReduce, ReduceOp, cube_max, cube_reduce, cube_sum};
+pub use reduce::{
+    CubeReduce, ReduceOp, cube_max, cube_max_sumexp, cube_reduce, cube_sum, online_softmax_update,
+};
 pub use tensor::GpuTensor;
 
 /// Concrete runtimes, for binaries and tests that instantiate generic code.

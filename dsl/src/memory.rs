@@ -55,13 +55,13 @@ pub(crate) fn fill<R: Runtime, E: Element>(
         return Ok(());
     }
     let vec = device.vector_size::<E>(n);
-    let cubes = device.grid_cubes((n / vec).div_ceil(ELEMENTWISE_UNITS as usize));
+    let (count, dim) = crate::launch::elementwise_grid(device, n / vec);
     // SAFETY: every unit writes only indices < len = numel / vec, the vector length of `out`.
     unsafe {
         fill_kernel::launch_unchecked::<E, R>(
             device.client(),
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_1d(ELEMENTWISE_UNITS),
+            count,
+            dim,
             vec,
             out.as_array_arg(),
             value,

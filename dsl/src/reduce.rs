@@ -106,3 +106,26 @@ pub fn cube_sum(value: f32, #[comptime] cfg: CubeReduce) -> f32 {
 pub fn cube_max(value: f32, #[comptime] cfg: CubeReduce) -> f32 {
     cube_reduce(value, ReduceOp::Max, cfg)
 }
+
+/// Softmax statistics of a row spread over a cube: each unit passes the running max `m` and
+/// `s = Σ e^{x − m}` of its own elements (the online-softmax pair, starting from
+/// `(f32::min_value(), 0)`); every unit gets the row's `(max, Σ e^{x − max})` back.
+#[cube]
+pub fn cube_max_sumexp(m: f32, s: f32, #[comptime] cfg: CubeReduce) -> (f32, f32) {
+    let max = cube_max(m, cfg);
+    let sum = cube_sum(s * f32::exp(m - max), cfg);
+    (max, sum)
+}
+
+/// Folds vector `v` into a unit's online-softmax pair `(m, s)`.
+#[cube]
+pub fn online_softmax_update<N: Size>(m: f32, s: f32, v: Vector<f32, N>) -> (f32, f32) {
+    let mut vmax = v[0];
+    #[unroll]
+    for k in 1..N::value() {
+        vmax = f32::max(vmax, v[k]);
+    }
+    let new_m = f32::max(m, vmax);
+    let new_s = s * f32::exp(m - new_m) + f32::cast_from((Vector::exp(v - Vector::new(new_m))).vector_sum());
+    (new_m, new_s)
+}

@@ -6,7 +6,13 @@
 //! tensor (nothing allocates inside a training step) and each launcher checks shapes and
 //! element types before it launches, returning [`Error`] naming the operator and tensor.
 
+pub mod adamw;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod grad_norm;
 pub mod reference;
 pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 
 pub use dsl::{Error, Result};

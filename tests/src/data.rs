@@ -4,11 +4,11 @@
 use dsl::FloatElement;
 
 /// SplitMix64: tiny, fast and good enough for test inputs.
-pub struct Rng(u64);
+pub struct DataRng(u64);
 
-impl Rng {
+impl DataRng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        DataRng(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
 
     pub fn next_u64(&mut self) -> u64 {

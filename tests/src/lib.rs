@@ -9,9 +9,10 @@ pub mod compare;
 pub mod data;
 
 pub use compare::{Tolerance, assert_close, check_close, check_close_scaled};
-pub use data::{Rng, TestFloat};
+pub use data::{DataRng, TestFloat};
 
-use dsl::{Backend, BackendRuntime, Device};
+use dsl::{Backend, BackendRuntime, Device, Error, GpuTensor};
+use proptest::test_runner::TestCaseError;
 
 /// The backend the tests run on: `CUBELLAMA_BACKEND` if set, else the first compiled one.
 pub fn test_backend() -> Backend {
@@ -68,3 +69,62 @@ pub fn proptest_config(cases: u32) -> proptest::test_runner::Config {
         ..proptest::test_runner::Config::default()
     }
 }
+
+/// A launch or transfer error as a proptest failure.
+pub fn fail(e: Error) -> TestCaseError {
+    TestCaseError::fail(format!("launch failed: {e}"))
+}
+
+/// Uploads f64 values rounded to `F`.
+pub fn upload<R: BackendRuntime, F: TestFloat>(
+    dev: &Device<R>,
+    values: &[f64],
+    shape: &[usize],
+) -> Result<GpuTensor<R, F>, TestCaseError> {
+    GpuTensor::from_f64(dev, values, shape).map_err(fail)
+}
+
+/// An output tensor filled with NaN, so a kernel that silently does not run cannot pass.
+pub fn nan_tensor<R: BackendRuntime, F: TestFloat>(
+    dev: &Device<R>,
+    shape: &[usize],
+) -> Result<GpuTensor<R, F>, TestCaseError> {
+    GpuTensor::full(dev, shape, F::from_f64_rounded(f64::NAN)).map_err(fail)
+}
+
+pub fn download<R: BackendRuntime, F: TestFloat>(
+    dev: &Device<R>,
+    t: &GpuTensor<R, F>,
+) -> Result<Vec<f64>, TestCaseError> {
+    t.to_f64_vec(dev).map_err(fail)
+}
+
+/// Where the device cannot store `F` (bf16 on wgpu), checks that uploading is refused with
+/// an error naming the type, and returns true: the caller then has nothing else to test.
+pub fn refuses_unsupported<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) -> bool {
+    if dev.supports::<F>() {
+        return false;
+    }
+    let err = GpuTensor::<R, F>::from_f64(dev, &[1.0], &[1]).unwrap_err();
+    assert!(
+        matches!(err, Error::UnsupportedDType { dtype, .. } if dtype == F::DTYPE),
+        "expected an unsupported-dtype error for {}, got {err}",
+        F::DTYPE
+    );
+    true
+}
+
+/// Central differences `(f(x + h·e_i) − f(x − h·e_i)) / 2h` for every `i`.
+pub fn finite_differences(f: impl Fn(&[f64]) -> f64, x: &[f64], h: f64) -> Vec<f64> {
+    (0..x.len())
+        .map(|i| {
+            let (mut plus, mut minus) = (x.to_vec(), x.to_vec());
+            plus[i] += h;
+            minus[i] -= h;
+            (f(&plus) - f(&minus)) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Tolerance for a reference backward against [`finite_differences`] with h = 1e-6 in f64.
+pub const FINITE_DIFFERENCE_TOL: Tolerance = Tolerance { atol: 1e-6, rtol: 1e-6 };

@@ -4,7 +4,7 @@ use cubecl::prelude::*;
 use dsl::{BackendRuntime, CubeReduce, Device, GpuTensor, cube_max, cube_sum};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use tests::{Rng, Tolerance, check_close, check_close_scaled, on_test_backend, run_property};
+use tests::{DataRng, Tolerance, check_close, check_close_scaled, on_test_backend, run_property};
 
 /// Row sums and maxima, grid-striding over rows so that each cube reuses its shared memory
 /// (which is what the trailing barrier of `cube_reduce` protects).
@@ -43,7 +43,7 @@ fn check<R: BackendRuntime>(
     dev: &Device<R>,
     (rows, cols, units, cubes, use_plane, seed): (usize, usize, u32, usize, bool, u64),
 ) -> Result<(), TestCaseError> {
-    let mut rng = Rng::new(seed);
+    let mut rng = DataRng::new(seed);
     let x: Vec<f64> = rng.normals(rows * cols, 0.5, 2.0).into_iter().map(|v| v as f32 as f64).collect();
     let fail = |e: dsl::Error| TestCaseError::fail(e.to_string());
     let xt = GpuTensor::<R, f32>::from_f64(dev, &x, &[rows, cols]).map_err(fail)?;

@@ -8,7 +8,7 @@ use kernels::rmsnorm::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use tests::{Rng, TestFloat, Tolerance, check_close, check_close_scaled, on_test_backend, run_property};
+use tests::{DataRng, TestFloat, Tolerance, check_close, check_close_scaled, on_test_backend, run_property};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -39,7 +39,7 @@ struct Inputs {
 
 /// Inputs already rounded to `F`, so the reference sees exactly what the kernel sees.
 fn inputs<F: TestFloat>(case: &Case) -> Inputs {
-    let mut rng = Rng::new(case.seed);
+    let mut rng = DataRng::new(case.seed);
     let n = case.rows * case.cols;
     Inputs {
         x: F::round_all(&rng.normals(n, 0.0, case.x_scale)),
@@ -263,7 +263,7 @@ fn rmsnorm_rejects_bad_input_with_clear_errors() {
 fn reference_backward_matches_finite_differences() {
     let shapes = (1usize..=4, 1usize..=12, any::<u64>());
     run_property("rmsnorm reference finite differences", 64, shapes, |(rows, cols, seed)| {
-        let mut rng = Rng::new(seed);
+        let mut rng = DataRng::new(seed);
         let x = rng.normals(rows * cols, 0.0, 1.0);
         let weight = rng.normals(cols, 1.0, 0.3);
         let dout = rng.normals(rows * cols, 0.0, 1.0);

@@ -2,4 +2,10 @@
 //! be obviously right. Tests diff every kernel against these; each backward here is itself
 //! checked against finite differences.
 
+pub mod adamw;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod grad_norm;
 pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;

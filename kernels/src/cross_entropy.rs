@@ -1,0 +1,291 @@
+//! Fused softmax cross-entropy: loss and its gradient with respect to the logits in one pass.
+//!
+//! Shapes: `logits`, `dlogits`: `[N, V]`; targets: `[N]` (N = B·T) with `-100` meaning "no
+//! loss here" (prompt tokens in SFT, padding); `row_loss`: `[N]` f32; `loss`: `[1]` f32.
+//! Forward: `loss = (1/M) Σ_{n: target ≠ −100} (log Σ_v e^{logits[n,v]} − logits[n, target])`,
+//! M = number of counted rows; `row_loss[n]` is row n's term (0 for ignored rows).
+//! Backward, written in the same pass: `dlogits[n] = (softmax(logits[n]) − onehot(target))/M`
+//! for counted rows, 0 for ignored ones (overwritten, `=`; it is the gradient of the mean loss,
+//! so it already carries the 1/M). With M = 0 the loss and the gradient are 0, not NaN.
+//!
+//! Numerics: max-subtracted (online softmax: one running max and rescaled sum per unit), f32
+//! accumulation. One cube per row: it reads the row twice (statistics, then gradient) and
+//! writes it once. The mean over rows is a second, single-cube kernel that sums `row_loss` in
+//! a fixed order: the loss is bit-identical run to run.
+
+use cubecl::prelude::*;
+use dsl::launch::{RowLayout, cube_units};
+use dsl::{
+    CubeReduce, Device, Error, FloatElement, GpuTensor, Result, cube_max_sumexp, cube_sum,
+    online_softmax_update,
+};
+
+/// The target value that excludes a position from the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Targets checked against a vocabulary on upload, with the count of counted positions.
+pub struct Targets<R: Runtime> {
+    /// `[N]`, each in `0..vocab_size` or [`IGNORE_INDEX`].
+    pub targets: GpuTensor<R, i32>,
+    counted: usize,
+    vocab_size: usize,
+}
+
+impl<R: Runtime> Targets<R> {
+    pub fn upload(device: &Device<R>, targets: &[i32], vocab_size: usize) -> Result<Self> {
+        let bad = targets
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= vocab_size));
+        if let Some((position, &t)) = bad {
+            return Err(Error::OutOfVocabulary {
+                op: "targets",
+                what: "target",
+                position,
+                value: t as i64,
+                vocab_size,
+                allowed: " (allowed: 0..vocab_size, or -100 to ignore the position)",
+            });
+        }
+        Ok(Self {
+            targets: GpuTensor::from_slice(device, targets, &[targets.len()])?,
+            counted: targets.iter().filter(|&&t| t != IGNORE_INDEX).count(),
+            vocab_size,
+        })
+    }
+
+    /// Positions that count towards the loss (target ≠ −100).
+    pub fn counted(&self) -> usize {
+        self.counted
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.numel()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+}
+
+/// Comptime part of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CrossEntropyConfig {
+    pub units: u32,
+    pub vector_size: usize,
+    pub use_plane: bool,
+    /// Whether to write `dlogits` (training) or only the loss (evaluation).
+    pub write_grad: bool,
+}
+
+impl CrossEntropyConfig {
+    pub fn select<R: Runtime, F: FloatElement>(
+        device: &Device<R>,
+        vocab: usize,
+        write_grad: bool,
+    ) -> Result<Self> {
+        let vector_size = device.vector_size::<F>(vocab);
+        // The row is streamed (not held in registers): take the widest cube the layout allows.
+        let layout = RowLayout::for_row(device, "cross_entropy", (vocab / vector_size).min(1 << 15))?;
+        Ok(Self { units: layout.units, vector_size, use_plane: device.info().plane_ops, write_grad })
+    }
+
+    fn reduce(&self) -> CubeReduce {
+        CubeReduce::new(self.units, self.use_plane)
+    }
+}
+
+#[cube(launch_unchecked)]
+fn cross_entropy_kernel<F: Float, N: Size>(
+    dlogits: &mut Array<Vector<F, N>>,
+    row_loss: &mut Array<f32>,
+    logits: &Array<Vector<F, N>>,
+    targets: &Array<i32>,
+    rows: u32,
+    vocab: u32,
+    grad_scale: f32,
+    #[comptime] cfg: CrossEntropyConfig,
+) {
+    let row_vectors = vocab as usize / N::value();
+    let units = CUBE_DIM as usize;
+    let mut row = CUBE_POS;
+    while row < rows as usize {
+        let base = row * row_vectors;
+        let target = targets[row];
+        let counted = target >= 0;
+        let mut m = f32::min_value();
+        let mut s = f32::new(0.0);
+        let mut c = UNIT_POS as usize;
+        while c < row_vectors {
+            let (nm, ns) = online_softmax_update::<N>(m, s, Vector::<f32, N>::cast_from(logits[base + c]));
+            m = nm;
+            s = ns;
+            c += units;
+        }
+        let (max, sum) = cube_max_sumexp(m, s, cfg.reduce());
+        if UNIT_POS == 0 {
+            let mut loss = f32::new(0.0);
+            if counted {
+                let t = target as usize;
+                let target_logit = f32::cast_from(logits[base + t / N::value()][t % N::value()]);
+                loss = f32::ln(sum) + max - target_logit;
+            }
+            row_loss[row] = loss;
+        }
+        if comptime!(cfg.write_grad) {
+            // Ignored rows get scale 0 (and no one-hot): their gradient is exactly 0.
+            let scale = select(counted, grad_scale, f32::new(0.0));
+            let target_index = select(counted, target as u32, u32::MAX);
+            let inv_sum = f32::new(1.0) / sum;
+            let mut c = UNIT_POS as usize;
+            while c < row_vectors {
+                let v = Vector::<f32, N>::cast_from(logits[base + c]);
+                let mut p = Vector::exp(v - Vector::new(max)) * Vector::new(inv_sum);
+                #[unroll]
+                for k in 0..N::value() {
+                    p[k] -= f32::cast_from((c * N::value() + k) as u32 == target_index);
+                }
+                dlogits[base + c] = Vector::cast_from(p * Vector::new(scale));
+                c += units;
+            }
+        }
+        row += CUBE_COUNT;
+    }
+}
+
+/// `loss[0] = scale · Σ row_loss` summed in a fixed order by one cube.
+#[cube(launch_unchecked)]
+fn mean_loss_kernel(
+    loss: &mut Array<f32>,
+    row_loss: &Array<f32>,
+    rows: u32,
+    scale: f32,
+    #[comptime] cfg: CubeReduce,
+) {
+    let mut acc = f32::new(0.0);
+    let mut i = UNIT_POS as usize;
+    while i < rows as usize {
+        acc += row_loss[i];
+        i += CUBE_DIM as usize;
+    }
+    let total = cube_sum(acc, cfg);
+    if UNIT_POS == 0 {
+        loss[0] = total * scale;
+    }
+}
+
+fn check_shapes<R: Runtime, F: FloatElement>(
+    op: &'static str,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+    row_loss: &GpuTensor<R, f32>,
+    loss: &GpuTensor<R, f32>,
+) -> Result<(usize, usize)> {
+    let &[rows, vocab] = logits.shape() else {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("logits must be [N, V], got shape {:?}", logits.shape()),
+        });
+    };
+    Error::check_shape(op, "targets", targets.targets.shape(), &[rows])?;
+    if targets.vocab_size != vocab {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "targets were checked against a vocabulary of {}, but logits have {vocab} columns",
+                targets.vocab_size
+            ),
+        });
+    }
+    Error::check_shape(op, "row_loss", row_loss.shape(), &[rows])?;
+    Error::check_shape(op, "loss", loss.shape(), &[1])?;
+    Ok((rows, vocab))
+}
+
+fn launch<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    loss: &mut GpuTensor<R, f32>,
+    dlogits: &GpuTensor<R, F>,
+    row_loss: &mut GpuTensor<R, f32>,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+    (rows, vocab): (usize, usize),
+    cfg: CrossEntropyConfig,
+) -> Result<()> {
+    let scale = if targets.counted == 0 { 0.0 } else { 1.0 / targets.counted as f32 };
+    if rows > 0 && vocab > 0 {
+        // SAFETY: rows are guarded by `row < rows`, columns by `c < V/vec` (vec divides V);
+        // the target read is at t < V (validated on upload, ignored rows skip it); dlogits is
+        // only written when it is a full [N, V] tensor (write_grad).
+        unsafe {
+            cross_entropy_kernel::launch_unchecked::<F, R>(
+                device.client(),
+                CubeCount::Static(device.grid_cubes(rows), 1, 1),
+                CubeDim::new_1d(cfg.units),
+                cfg.vector_size,
+                dlogits.as_array_arg(),
+                row_loss.as_array_arg(),
+                logits.as_array_arg(),
+                targets.targets.as_array_arg(),
+                rows as u32,
+                vocab as u32,
+                scale,
+                cfg,
+            );
+        }
+    }
+    let units = cube_units(device, 256);
+    // SAFETY: reads are guarded by `i < rows`; loss has one element, written by unit 0.
+    unsafe {
+        mean_loss_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(units),
+            loss.as_array_arg(),
+            row_loss.as_array_arg(),
+            rows as u32,
+            scale,
+            CubeReduce::new(units, device.info().plane_ops),
+        );
+    }
+    Ok(())
+}
+
+/// Training: `loss =` the mean over counted rows, `dlogits =` its gradient, `row_loss =` each
+/// row's term.
+pub fn cross_entropy_forward_backward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    loss: &mut GpuTensor<R, f32>,
+    dlogits: &mut GpuTensor<R, F>,
+    row_loss: &mut GpuTensor<R, f32>,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_forward_backward";
+    device.check_dtype::<F>(OP)?;
+    let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
+    Error::check_shape(OP, "dlogits", dlogits.shape(), logits.shape())?;
+    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), true)?;
+    launch(device, loss, dlogits, row_loss, logits, targets, (rows, vocab), cfg)
+}
+
+/// Evaluation: `loss` and `row_loss` only, no gradient.
+pub fn cross_entropy_forward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    loss: &mut GpuTensor<R, f32>,
+    row_loss: &mut GpuTensor<R, f32>,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_forward";
+    device.check_dtype::<F>(OP)?;
+    let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
+    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), false)?;
+    // The kernel never writes dlogits here; it still needs a binding of the right type.
+    let unused = GpuTensor::<R, F>::uninit(device, &[cfg.vector_size])?;
+    launch(device, loss, &unused, row_loss, logits, targets, (rows, vocab), cfg)
+}

@@ -1,0 +1,143 @@
+//! Global gradient L2 norm over many tensors, and the clip scale, as
+//! `torch.nn.utils.clip_grad_norm_` computes them.
+//!
+//! Inputs: any number of gradient tensors of any shapes. Outputs: `norm` `[1]` f32 =
+//! `sqrt(Σ_tensors Σ g²)` and `clip_scale` `[1]` f32 = `min(1, max_norm / (norm + 1e-6))`, which
+//! [`crate::adamw::adamw_step`] reads on the device. Both overwritten (`=`).
+//!
+//! Deterministic: each tensor is split over a fixed number of cubes (a function of its size
+//! only), each cube writes one partial sum of squares to its own slot of `scratch`, and one
+//! cube sums the slots in a fixed order. f32 accumulation, tree-combined.
+
+use cubecl::prelude::*;
+use dsl::launch::cube_units;
+use dsl::{CubeReduce, Device, Error, FloatElement, GpuTensor, Result, cube_sum};
+
+/// Elements per cube aimed for when splitting a tensor.
+const ELEMENTS_PER_CUBE: usize = 16 * 1024;
+const MAX_CUBES_PER_TENSOR: usize = 512;
+const UNITS: u32 = 256;
+
+fn cubes_for(numel: usize) -> usize {
+    numel.div_ceil(ELEMENTS_PER_CUBE).clamp(1, MAX_CUBES_PER_TENSOR)
+}
+
+/// Length of the f32 scratch [`grad_norm`] needs for tensors of these sizes.
+pub fn grad_norm_scratch_len(numels: &[usize]) -> usize {
+    numels.iter().map(|&n| cubes_for(n)).sum::<usize>().max(1)
+}
+
+#[cube(launch_unchecked)]
+fn sum_squares_kernel<F: Float, N: Size>(
+    partials: &mut Array<f32>,
+    x: &Array<Vector<F, N>>,
+    len: u32,
+    slot: u32,
+    #[comptime] cfg: CubeReduce,
+) {
+    let mut acc = f32::new(0.0);
+    let mut i = CUBE_POS * CUBE_DIM as usize + UNIT_POS as usize;
+    while i < len as usize {
+        let v = Vector::<f32, N>::cast_from(x[i]);
+        acc += f32::cast_from((v * v).vector_sum());
+        i += CUBE_COUNT * CUBE_DIM as usize;
+    }
+    let total = cube_sum(acc, cfg);
+    if UNIT_POS == 0 {
+        partials[slot as usize + CUBE_POS] = total;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn norm_and_scale_kernel(
+    norm: &mut Array<f32>,
+    clip_scale: &mut Array<f32>,
+    partials: &Array<f32>,
+    slots: u32,
+    max_norm: f32,
+    #[comptime] cfg: CubeReduce,
+) {
+    let mut acc = f32::new(0.0);
+    let mut i = UNIT_POS as usize;
+    while i < slots as usize {
+        acc += partials[i];
+        i += CUBE_DIM as usize;
+    }
+    let total = f32::sqrt(cube_sum(acc, cfg));
+    if UNIT_POS == 0 {
+        norm[0] = total;
+        clip_scale[0] = f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
+    }
+}
+
+/// `norm = ‖grads‖₂`, `clip_scale = min(1, max_norm / (norm + 1e-6))`. `scratch` is an f32
+/// tensor of at least [`grad_norm_scratch_len`] elements.
+pub fn grad_norm<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    norm: &mut GpuTensor<R, f32>,
+    clip_scale: &mut GpuTensor<R, f32>,
+    scratch: &mut GpuTensor<R, f32>,
+    grads: &[&GpuTensor<R, F>],
+    max_norm: f32,
+) -> Result<()> {
+    const OP: &str = "grad_norm";
+    device.check_dtype::<F>(OP)?;
+    Error::check_shape(OP, "norm", norm.shape(), &[1])?;
+    Error::check_shape(OP, "clip_scale", clip_scale.shape(), &[1])?;
+    if !(max_norm.is_finite() && max_norm > 0.0) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("max_norm must be positive, got {max_norm}"),
+        });
+    }
+    let numels: Vec<usize> = grads.iter().map(|g| g.numel()).collect();
+    let needed = grad_norm_scratch_len(&numels);
+    if scratch.numel() < needed {
+        return Err(Error::ShapeMismatch {
+            op: OP,
+            tensor: "scratch",
+            expected: vec![needed],
+            actual: scratch.shape().to_vec(),
+        });
+    }
+    let units = cube_units(device, UNITS);
+    let cfg = CubeReduce::new(units, device.info().plane_ops);
+    let mut slot = 0usize;
+    for grad in grads {
+        let n = grad.numel();
+        // An empty tensor still runs its cube, which writes 0 to its slot.
+        let cubes = cubes_for(n);
+        let vec = device.vector_size::<F>(n);
+        // SAFETY: reads are guarded by `i < numel / vec`; each cube writes slot + CUBE_POS
+        // < slot + cubes ≤ scratch length (checked above).
+        unsafe {
+            sum_squares_kernel::launch_unchecked::<F, R>(
+                device.client(),
+                CubeCount::Static(cubes as u32, 1, 1),
+                CubeDim::new_1d(units),
+                vec,
+                scratch.as_array_arg(),
+                grad.as_array_arg(),
+                (n / vec) as u32,
+                slot as u32,
+                cfg,
+            );
+        }
+        slot += cubes;
+    }
+    // SAFETY: reads are guarded by `i < slots ≤ scratch length`; outputs have one element.
+    unsafe {
+        norm_and_scale_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(units),
+            norm.as_array_arg(),
+            clip_scale.as_array_arg(),
+            scratch.as_array_arg(),
+            slot as u32,
+            max_norm,
+            cfg,
+        );
+    }
+    Ok(())
+}
