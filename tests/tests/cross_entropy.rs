@@ -24,7 +24,7 @@ fn cases() -> impl Strategy<Value = Case> {
         2 => 2usize..=50000,
     ];
     let ignore = prop::sample::select(vec![0.0, 0.3, 1.0]);
-    (1usize..=24, vocab, -1.0f64..1.3, ignore, any::<u64>()).prop_map(
+    (1usize..=24, vocab, -1.0f64..2.0, ignore, any::<u64>()).prop_map(
         |(rows, vocab, log_scale, ignore_rate, seed)| {
             // Bound the case to ~400k logits so the suite stays quick on lavapipe.
             let rows = rows.min((400_000 / vocab).max(1));

@@ -1,17 +1,30 @@
 //! `cargo xtask bench`: the device's copy bandwidth, then every kernel's achieved bandwidth as
 //! a fraction of it, measured in the same process.
 //!
+//! Shapes are Llama-2-7B's (hidden 4096, intermediate 11008, 32 heads of 128, vocabulary
+//! 32000) over `--tokens` tokens (B·T): 16384 on a fast device, 1024 on a slow one such as
+//! lavapipe, fewer where a tensor would exceed the device's largest buffer.
+//!
 //! Bytes counted for a kernel are the tensors it must read and write once (inputs, outputs,
-//! saved statistics); scratch traffic of our own making (RMSNorm's dweight partials) is not
-//! counted, so it shows as lost bandwidth. Times are medians of timed runs after warm-up, each
-//! run enqueued and then synchronised with the device.
+//! saved statistics, parameters). Traffic of our own making (RMSNorm's dweight partials, the
+//! second read of each logits row in cross-entropy) is not counted, so it shows as lost
+//! bandwidth. Times are medians of timed runs after warm-up; each run is enqueued and then
+//! synchronised with the device.
 
 use crate::BackendArg;
 use anyhow::{Context, Result};
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
+use kernels::adamw::{AdamW, adamw_step};
+use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
+use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
+use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_forward};
+use kernels::rope::{RopeTable, rope_backward, rope_forward};
+use kernels::swiglu::{swiglu_backward, swiglu_forward};
 use serde::Serialize;
 use std::time::Instant;
+
+const KERNELS: [&str; 7] = ["rmsnorm", "swiglu", "rope", "embedding", "cross_entropy", "adamw", "grad_norm"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -20,13 +33,13 @@ pub struct BenchArgs {
     /// Print one JSON document on standard output instead of the table.
     #[arg(long)]
     json: bool,
-    /// Rows (B·T) for the row kernels; default scales with the device (16384 on a fast GPU,
-    /// 1024 on a slow device such as lavapipe).
+    /// Tokens (B·T) per batch; default scales with the device's copy bandwidth.
     #[arg(long)]
-    rows: Option<usize>,
-    /// Hidden size for the row kernels.
-    #[arg(long, default_value_t = 4096)]
-    hidden: usize,
+    tokens: Option<usize>,
+    /// Only these kernels (comma-separated): rmsnorm, swiglu, rope, embedding, cross_entropy,
+    /// adamw, grad_norm.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(KERNELS))]
+    kernels: Vec<String>,
     /// Timed runs per measurement (the median is reported).
     #[arg(long, default_value_t = 10)]
     iters: usize,
@@ -36,6 +49,7 @@ pub struct BenchArgs {
 struct Report {
     backend: String,
     device: String,
+    tokens: usize,
     copy: CopyResult,
     kernels: Vec<KernelResult>,
 }
@@ -62,9 +76,15 @@ struct KernelResult {
 /// A device this fast (GB/s of copy) gets full-size shapes; slower ones get small ones.
 const FAST_DEVICE_GBPS: f64 = 100.0;
 
+/// Llama-2-7B's dimensions.
+const HIDDEN: usize = 4096;
+const INTERMEDIATE: usize = 11008;
+const HEADS: usize = 32;
+const HEAD_DIM: usize = 128;
+const VOCAB: usize = 32000;
+
 pub fn run(args: BenchArgs) -> Result<()> {
-    let backend = args.backend.resolve_or_reexec()?;
-    let Some(backend) = backend else { return Ok(()) };
+    let Some(backend) = args.backend.resolve_or_reexec()? else { return Ok(()) };
     let report = dsl::on_device(backend, Bench { args: &args })??;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -84,25 +104,82 @@ impl OnDevice for Bench<'_> {
         eprintln!("device: {}", dev.info());
         let copy = measure_copy(dev, self.args.iters)?;
         eprintln!("copy bandwidth: {:.1} GB/s", copy.gb_per_s);
-        let rows = self.args.rows.unwrap_or(if copy.gb_per_s >= FAST_DEVICE_GBPS { 16384 } else { 1024 });
-        let mut kernels = Vec::new();
+        let fast = copy.gb_per_s >= FAST_DEVICE_GBPS;
+        let tokens = self.args.tokens.unwrap_or(if fast { 16384 } else { 1024 });
+        let mut ctx = Ctx {
+            dev,
+            iters: self.args.iters,
+            copy_gbps: copy.gb_per_s,
+            selected: &self.args.kernels,
+            fast,
+            results: Vec::new(),
+        };
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            let results = match dtype {
-                DType::F32 => bench_rmsnorm::<R, f32>(dev, rows, self.args.hidden, self.args.iters, &copy),
-                DType::F16 => {
-                    bench_rmsnorm::<R, half::f16>(dev, rows, self.args.hidden, self.args.iters, &copy)
-                }
-                DType::BF16 => {
-                    bench_rmsnorm::<R, half::bf16>(dev, rows, self.args.hidden, self.args.iters, &copy)
-                }
+            let outcome = match dtype {
+                DType::F32 => bench_dtype::<R, f32>(&mut ctx, tokens),
+                DType::F16 => bench_dtype::<R, half::f16>(&mut ctx, tokens),
+                DType::BF16 => bench_dtype::<R, half::bf16>(&mut ctx, tokens),
                 DType::U32 | DType::I32 => unreachable!("not a float type"),
             };
-            match results {
-                Some(r) => kernels.extend(r?),
-                None => eprintln!("{dtype}: not supported by this device, skipped"),
-            }
+            outcome.with_context(|| format!("benchmarking {dtype}"))?;
         }
-        Ok(Report { backend: dev.backend().to_string(), device: dev.info().to_string(), copy, kernels })
+        Ok(Report {
+            backend: dev.backend().to_string(),
+            device: dev.info().to_string(),
+            tokens,
+            copy,
+            kernels: ctx.results,
+        })
+    }
+}
+
+struct Ctx<'a, R: BackendRuntime> {
+    dev: &'a Device<R>,
+    iters: usize,
+    copy_gbps: f64,
+    selected: &'a [String],
+    fast: bool,
+    results: Vec<KernelResult>,
+}
+
+impl<R: BackendRuntime> Ctx<'_, R> {
+    fn wants(&self, kernel: &str) -> bool {
+        self.selected.is_empty() || self.selected.iter().any(|k| k == kernel)
+    }
+
+    /// Times `launch` and records a table row.
+    fn measure(
+        &mut self,
+        kernel: &'static str,
+        pass: &'static str,
+        dtype: DType,
+        shape: String,
+        bytes: u64,
+        launch: impl FnMut() -> Result<()>,
+    ) -> Result<()> {
+        eprintln!("{kernel} {pass} {dtype} {shape}…");
+        let ms = time_ms(self.dev, self.iters, launch).with_context(|| format!("{kernel} {pass} {shape}"))?;
+        let gbps = gb_per_s(bytes, ms);
+        self.results.push(KernelResult {
+            kernel,
+            pass,
+            dtype: dtype.to_string(),
+            shape,
+            bytes_moved: bytes,
+            median_ms: ms,
+            gb_per_s: gbps,
+            fraction_of_copy: gbps / self.copy_gbps,
+        });
+        Ok(())
+    }
+
+    /// `wanted`, or the largest power of two whose `per_item`-byte rows fit in a quarter of
+    /// the device's largest buffer (lavapipe's is 128 MiB).
+    fn fit(&self, wanted: usize, per_item: usize) -> usize {
+        let budget = self.dev.info().max_buffer_bytes as usize / 4;
+        let fits = wanted.min(budget / per_item.max(1)).max(1);
+        // A power of two when it had to shrink: shapes that read well in a table.
+        if fits < wanted { 1 << (usize::BITS - 1 - fits.leading_zeros()) } else { fits }
     }
 }
 
@@ -151,71 +228,199 @@ fn measure_copy<R: BackendRuntime>(dev: &Device<R>, iters: usize) -> Result<Copy
     measure((1 << 30).min(max_buffer)).context("copy bandwidth")
 }
 
-fn bench_rmsnorm<R: BackendRuntime, F: FloatElement>(
+fn filled<R: BackendRuntime, F: FloatElement>(
     dev: &Device<R>,
-    rows: usize,
-    hidden: usize,
-    iters: usize,
-    copy: &CopyResult,
-) -> Option<Result<Vec<KernelResult>>> {
-    if !dev.supports::<F>() {
-        return None;
+    shape: &[usize],
+    value: f64,
+) -> Result<GpuTensor<R, F>> {
+    Ok(GpuTensor::full(dev, shape, F::from_f64_rounded(value))?)
+}
+
+fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens: usize) -> Result<()> {
+    if !ctx.dev.supports::<F>() {
+        eprintln!("{}: not supported by this device, skipped", F::DTYPE);
+        return Ok(());
     }
-    Some((|| {
-        let shape = [rows, hidden];
-        let x = GpuTensor::<R, F>::full(dev, &shape, F::from_f64_rounded(0.5))?;
-        let weight = GpuTensor::<R, F>::full(dev, &[hidden], F::from_f64_rounded(1.0))?;
-        let dout = GpuTensor::<R, F>::full(dev, &shape, F::from_f64_rounded(0.25))?;
+    let s = size_of::<F>() as u64;
+    let dt = F::DTYPE;
+    let dev = ctx.dev;
+
+    if ctx.wants("rmsnorm") {
+        let n = ctx.fit(tokens, HIDDEN * size_of::<F>());
+        let shape = [n, HIDDEN];
+        let x = filled::<R, F>(dev, &shape, 0.5)?;
+        let weight = filled::<R, F>(dev, &[HIDDEN], 1.0)?;
+        let dout = filled::<R, F>(dev, &shape, 0.25)?;
         let mut out = GpuTensor::<R, F>::uninit(dev, &shape)?;
-        let mut rstd = GpuTensor::<R, f32>::uninit(dev, &[rows])?;
+        let mut rstd = GpuTensor::<R, f32>::uninit(dev, &[n])?;
         let mut dx = GpuTensor::<R, F>::uninit(dev, &shape)?;
-        let mut dweight = GpuTensor::<R, F>::zeros(dev, &[hidden])?;
-        let mut scratch =
-            GpuTensor::<R, f32>::uninit(dev, &[rmsnorm_backward_scratch_rows(dev, rows), hidden])?;
-        let elem = size_of::<F>() as u64;
-        let (act, row_stat) = ((rows * hidden) as u64 * elem, rows as u64 * 4);
-        let param = hidden as u64 * elem;
-        let result = |pass, bytes: u64, ms: f64| KernelResult {
-            kernel: "rmsnorm",
-            pass,
-            dtype: F::DTYPE.to_string(),
-            shape: format!("{rows}x{hidden}"),
-            bytes_moved: bytes,
-            median_ms: ms,
-            gb_per_s: gb_per_s(bytes, ms),
-            fraction_of_copy: gb_per_s(bytes, ms) / copy.gb_per_s,
-        };
-        eprintln!("rmsnorm {} {rows}x{hidden}: forward…", F::DTYPE);
-        let fwd = time_ms(dev, iters, || Ok(rmsnorm_forward(dev, &mut out, &mut rstd, &x, &weight, 1e-5)?))?;
-        eprintln!("rmsnorm {} {rows}x{hidden}: backward…", F::DTYPE);
-        let bwd = time_ms(dev, iters, || {
+        let mut dweight = GpuTensor::<R, F>::zeros(dev, &[HIDDEN])?;
+        let mut scratch = GpuTensor::<R, f32>::uninit(dev, &[rmsnorm_backward_scratch_rows(dev, n), HIDDEN])?;
+        let (act, param, stat) = ((n * HIDDEN) as u64 * s, HIDDEN as u64 * s, n as u64 * 4);
+        let label = format!("{n}x{HIDDEN}");
+        // read x, weight; write out, rstd
+        ctx.measure("rmsnorm", "forward", dt, label.clone(), 2 * act + param + stat, || {
+            Ok(rmsnorm_forward(dev, &mut out, &mut rstd, &x, &weight, 1e-5)?)
+        })?;
+        // read dout, x, weight, rstd, dweight; write dx, dweight
+        ctx.measure("rmsnorm", "backward", dt, label, 3 * act + 3 * param + stat, || {
             Ok(rmsnorm_backward(dev, &mut dx, &mut dweight, &mut scratch, &dout, &x, &weight, &rstd)?)
         })?;
-        Ok(vec![
-            // read x, weight; write out, rstd
-            result("forward", 2 * act + param + row_stat, fwd),
-            // read dout, x, weight, rstd, dweight; write dx, dweight
-            result("backward", 3 * act + 3 * param + row_stat, bwd),
-        ])
-    })())
+    }
+
+    if ctx.wants("swiglu") {
+        let n = ctx.fit(tokens, INTERMEDIATE * size_of::<F>());
+        let shape = [n, INTERMEDIATE];
+        let gate = filled::<R, F>(dev, &shape, 0.5)?;
+        let up = filled::<R, F>(dev, &shape, -1.5)?;
+        let dout = filled::<R, F>(dev, &shape, 0.25)?;
+        let mut out = GpuTensor::<R, F>::uninit(dev, &shape)?;
+        let (mut dgate, mut dup) =
+            (GpuTensor::<R, F>::uninit(dev, &shape)?, GpuTensor::<R, F>::uninit(dev, &shape)?);
+        let act = (n * INTERMEDIATE) as u64 * s;
+        let label = format!("{n}x{INTERMEDIATE}");
+        ctx.measure("swiglu", "forward", dt, label.clone(), 3 * act, || {
+            Ok(swiglu_forward(dev, &mut out, &gate, &up)?)
+        })?;
+        ctx.measure("swiglu", "backward", dt, label, 5 * act, || {
+            Ok(swiglu_backward(dev, &mut dgate, &mut dup, &dout, &gate, &up)?)
+        })?;
+    }
+
+    if ctx.wants("rope") {
+        let n = ctx.fit(tokens, HEADS * HEAD_DIM * size_of::<F>());
+        let shape = [1, n, HEADS, HEAD_DIM];
+        let table = RopeTable::new(dev, HEAD_DIM, n, 10000.0)?;
+        let x = filled::<R, F>(dev, &shape, 0.5)?;
+        let mut out = GpuTensor::<R, F>::uninit(dev, &shape)?;
+        // read x (and each position's cos/sin row), write out
+        let bytes = 2 * (n * HEADS * HEAD_DIM) as u64 * s + (n * HEAD_DIM * 4) as u64;
+        let label = format!("1x{n}x{HEADS}x{HEAD_DIM}");
+        ctx.measure("rope", "forward", dt, label.clone(), bytes, || {
+            Ok(rope_forward(dev, &mut out, &x, &table, 0)?)
+        })?;
+        ctx.measure("rope", "backward", dt, label, bytes, || {
+            Ok(rope_backward(dev, &mut out, &x, &table, 0)?)
+        })?;
+    }
+
+    if ctx.wants("embedding") {
+        // The full [32000, 4096] table where it fits in one buffer; narrower rows where not.
+        let mut hidden = HIDDEN;
+        while (VOCAB * hidden * size_of::<F>()) as u64 > dev.info().max_buffer_bytes / 2 && hidden > 64 {
+            hidden /= 2;
+        }
+        let n = ctx.fit(tokens, hidden * size_of::<F>());
+        // Deterministic pseudo-random ids over the whole vocabulary.
+        let ids: Vec<u32> = (0..n as u64).map(|i| ((i * 2_654_435_761) % VOCAB as u64) as u32).collect();
+        let unique = {
+            let mut u = ids.clone();
+            u.sort_unstable();
+            u.dedup();
+            u.len()
+        };
+        let token_ids = TokenIds::upload(dev, &ids, &[n], VOCAB)?;
+        let weight = filled::<R, F>(dev, &[VOCAB, hidden], 0.02)?;
+        let mut dweight = GpuTensor::<R, F>::zeros(dev, &[VOCAB, hidden])?;
+        let mut out = GpuTensor::<R, F>::uninit(dev, &[n, hidden])?;
+        let dout = filled::<R, F>(dev, &[n, hidden], 0.25)?;
+        let (rows, ids_bytes) = ((n * hidden) as u64 * s, n as u64 * 4);
+        let label = format!("{n} ids, {VOCAB}x{hidden}");
+        // read the gathered weight rows and the ids; write out
+        ctx.measure("embedding", "forward", dt, label.clone(), 2 * rows + ids_bytes, || {
+            Ok(embedding_forward(dev, &mut out, &token_ids, &weight)?)
+        })?;
+        // read dout and the grouping; read and write each touched dweight row once
+        let touched = 2 * (unique * hidden) as u64 * s;
+        ctx.measure("embedding", "backward", dt, label, rows + touched + 2 * ids_bytes, || {
+            Ok(embedding_backward(dev, &mut dweight, &dout, &token_ids)?)
+        })?;
+    }
+
+    if ctx.wants("cross_entropy") {
+        let n = ctx.fit(tokens, VOCAB * size_of::<F>());
+        let targets: Vec<i32> = (0..n as i64).map(|i| ((i * 7919) % VOCAB as i64) as i32).collect();
+        let targets = Targets::upload(dev, &targets, VOCAB)?;
+        let logits = filled::<R, F>(dev, &[n, VOCAB], 0.1)?;
+        let mut dlogits = GpuTensor::<R, F>::uninit(dev, &[n, VOCAB])?;
+        let mut loss = GpuTensor::<R, f32>::uninit(dev, &[1])?;
+        let mut row_loss = GpuTensor::<R, f32>::uninit(dev, &[n])?;
+        let logit_bytes = (n * VOCAB) as u64 * s;
+        let label = format!("{n}x{VOCAB}");
+        // read logits once (the kernel reads each row twice) and targets; write row losses
+        ctx.measure("cross_entropy", "forward", dt, label.clone(), logit_bytes + 8 * n as u64, || {
+            Ok(cross_entropy_forward(dev, &mut loss, &mut row_loss, &logits, &targets)?)
+        })?;
+        // … and write dlogits
+        ctx.measure("cross_entropy", "fwd+bwd", dt, label, 2 * logit_bytes + 8 * n as u64, || {
+            Ok(cross_entropy_forward_backward(
+                dev,
+                &mut loss,
+                &mut dlogits,
+                &mut row_loss,
+                &logits,
+                &targets,
+            )?)
+        })?;
+    }
+
+    if ctx.wants("adamw") {
+        // One 7B MLP weight on a fast device; a slice of it (4096x1024) on a slow one.
+        let cols = if ctx.fast { INTERMEDIATE } else { 1024 };
+        let numel = HIDDEN * cols;
+        let mut param = filled::<R, F>(dev, &[numel], 0.02)?;
+        let grad = filled::<R, F>(dev, &[numel], 1e-3)?;
+        let (mut m, mut v) =
+            (GpuTensor::<R, f32>::zeros(dev, &[numel])?, GpuTensor::<R, f32>::zeros(dev, &[numel])?);
+        let one = GpuTensor::<R, f32>::full(dev, &[1], 1.0)?;
+        let hp = AdamW::default();
+        let mut step = 0;
+        // read param, grad, m, v; write param, m, v
+        let bytes = numel as u64 * (3 * s + 16);
+        ctx.measure("adamw", "step", dt, format!("{HIDDEN}x{cols}"), bytes, || {
+            step += 1;
+            Ok(adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step)?)
+        })?;
+    }
+
+    if ctx.wants("grad_norm") {
+        // One 7B layer's weight gradients: q, k, v, o and gate, up, down; a sixteenth of each
+        // on a slow device.
+        let rows = if ctx.fast { HIDDEN } else { HIDDEN / 16 };
+        let shapes = [[rows, HIDDEN]; 4].into_iter().chain([[rows, INTERMEDIATE]; 3]);
+        let grads: Vec<GpuTensor<R, F>> =
+            shapes.map(|sh| filled::<R, F>(dev, &sh, 1e-3)).collect::<Result<_>>()?;
+        let refs: Vec<&GpuTensor<R, F>> = grads.iter().collect();
+        let numels: Vec<usize> = grads.iter().map(|g| g.numel()).collect();
+        let mut scratch = GpuTensor::<R, f32>::uninit(dev, &[grad_norm_scratch_len(&numels)])?;
+        let (mut norm, mut scale) =
+            (GpuTensor::<R, f32>::uninit(dev, &[1])?, GpuTensor::<R, f32>::uninit(dev, &[1])?);
+        let bytes = numels.iter().sum::<usize>() as u64 * s;
+        let label = format!("7 tensors, {}M", numels.iter().sum::<usize>() >> 20);
+        ctx.measure("grad_norm", "norm", dt, label, bytes, || {
+            Ok(grad_norm(dev, &mut norm, &mut scale, &mut scratch, &refs, 1.0)?)
+        })?;
+    }
+    Ok(())
 }
 
 fn print_table(report: &Report) {
     println!("device: {}", report.device);
     println!(
-        "copy bandwidth: {:.1} GB/s ({} MiB read + written, median {:.3} ms)",
+        "copy bandwidth: {:.1} GB/s ({} MiB read + written, median {:.3} ms); {} tokens per batch",
         report.copy.gb_per_s,
         report.copy.bytes_moved >> 20,
-        report.copy.median_ms
+        report.copy.median_ms,
+        report.tokens
     );
     println!();
     println!(
-        "{:<10} {:<9} {:<6} {:<12} {:>11} {:>9} {:>8}",
+        "{:<14} {:<9} {:<6} {:<24} {:>11} {:>9} {:>8}",
         "kernel", "pass", "dtype", "shape", "median", "GB/s", "of copy"
     );
     for k in &report.kernels {
         println!(
-            "{:<10} {:<9} {:<6} {:<12} {:>8.3} ms {:>9.1} {:>7.0}%",
+            "{:<14} {:<9} {:<6} {:<24} {:>8.3} ms {:>9.1} {:>7.0}%",
             k.kernel,
             k.pass,
             k.dtype,
