@@ -136,6 +136,10 @@ pub struct DeviceInfo {
     pub streaming_multiprocessors: Option<u32>,
     pub cpu_cores: Option<u32>,
     pub max_vector_size: usize,
+    /// Loop iterations one unit may run before the device silently cuts its loops short, where
+    /// such a cap exists: Mesa's llvmpipe (lavapipe) stops every loop of an invocation after
+    /// 65535 iterations in total. Measured when the device is opened; `None` = no cap found.
+    pub max_loop_iterations: Option<u32>,
     /// Device-thread panics already reported by this device (see [`Device::check`]).
     panics_reported: AtomicUsize,
 }
@@ -157,6 +161,9 @@ impl fmt::Display for DeviceInfo {
         )?;
         if let Some(sms) = self.streaming_multiprocessors {
             write!(f, ", {sms} SMs")?;
+        }
+        if let Some(cap) = self.max_loop_iterations {
+            write!(f, ", loops capped at {cap} iterations per unit")?;
         }
         write!(f, ")")
     }
@@ -219,6 +226,7 @@ impl<R: BackendRuntime> Device<R> {
             streaming_multiprocessors: hw.num_streaming_multiprocessors,
             cpu_cores: hw.num_cpu_cores,
             max_vector_size: hw.max_vector_size,
+            max_loop_iterations: loop_iteration_cap(&client),
             panics_reported: AtomicUsize::new(DEVICE_PANICS.load(Ordering::SeqCst)),
         };
         Self { client, info: Arc::new(info) }
@@ -305,6 +313,41 @@ impl<R: Runtime> Device<R> {
             ),
         })
     }
+}
+
+#[cube(launch)]
+fn count_loop_iterations(out: &mut Array<u32>, n: u32) {
+    let mut count = 0u32;
+    while count < n {
+        count += 1;
+    }
+    out[0] = count;
+}
+
+/// Runs one unit through a loop of 2^20 iterations and reports how far it got, if not all the
+/// way (once per process and backend: the answer is a property of the driver).
+fn loop_iteration_cap<R: BackendRuntime>(client: &ComputeClient<R>) -> Option<u32> {
+    static CAPS: Mutex<Vec<(Backend, Option<u32>)>> = Mutex::new(Vec::new());
+    let mut caps = CAPS.lock().ok()?;
+    if let Some(&(_, cap)) = caps.iter().find(|(b, _)| *b == R::BACKEND) {
+        return cap;
+    }
+    const PROBE: u32 = 1 << 20;
+    let out = client.create_from_slice(u32::as_bytes(&[0]));
+    count_loop_iterations::launch::<R>(
+        client,
+        CubeCount::Static(1, 1, 1),
+        CubeDim::new_1d(1),
+        unsafe { ArrayArg::from_raw_parts(out.clone(), 1) },
+        PROBE,
+    );
+    let reached = client.read_one(out).ok().map(|bytes| u32::from_bytes(&bytes)[0]);
+    let cap = match reached {
+        Some(n) if n < PROBE => Some(n),
+        _ => None,
+    };
+    caps.push((R::BACKEND, cap));
+    cap
 }
 
 /// Generic work to run on whichever backend was chosen at run time.

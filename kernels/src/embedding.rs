@@ -26,6 +26,8 @@ pub struct TokenIds<R: Runtime> {
     /// Positions sorted by (token, position), `[N]`.
     positions: GpuTensor<R, u32>,
     unique_count: usize,
+    /// Positions of the most frequent token (the longest loop in the backward).
+    max_repeats: usize,
     vocab_size: usize,
     shape: Vec<usize>,
 }
@@ -54,12 +56,14 @@ impl<R: Runtime> TokenIds<R> {
         }
         offsets.push(ids.len() as u32);
         let unique_count = unique.len();
+        let max_repeats = offsets.windows(2).map(|w| (w[1] - w[0]) as usize).max().unwrap_or(0);
         Ok(Self {
             ids: GpuTensor::from_slice(device, ids, shape)?,
             unique: GpuTensor::from_slice(device, &unique, &[unique_count])?,
             offsets: GpuTensor::from_slice(device, &offsets, &[unique_count + 1])?,
             positions: GpuTensor::from_slice(device, &order, &[ids.len()])?,
             unique_count,
+            max_repeats,
             vocab_size,
             shape: shape.to_vec(),
         })
@@ -214,12 +218,29 @@ pub fn embedding_backward<R: Runtime, F: FloatElement>(
     }
     let vec = device.vector_size::<F>(hidden);
     let units = cube_units(device, ((hidden / vec).next_power_of_two() as u32).clamp(32, 256));
+    let cubes = device.grid_cubes(ids.unique_count);
+    if let Some(cap) = device.info().max_loop_iterations {
+        // Each unit loops over its tokens × its columns × that token's positions.
+        let per_unit = ids.unique_count.div_ceil(cubes as usize)
+            * (hidden / vec).div_ceil(units as usize)
+            * (ids.max_repeats + 2);
+        if per_unit > cap as usize {
+            return Err(Error::Unsupported {
+                op: OP,
+                message: format!(
+                    "a token repeated {} times needs ~{per_unit} loop iterations per unit, but this device \
+                     (lavapipe) silently stops loops after {cap}; use shorter batches here",
+                    ids.max_repeats
+                ),
+            });
+        }
+    }
     // SAFETY: u < U bounds unique/offsets; offsets hold positions indices < N; c < C/vec;
     // tokens are < V (validated on upload), so every index is inside its tensor.
     unsafe {
         embedding_backward_kernel::launch_unchecked::<F, R>(
             device.client(),
-            CubeCount::Static(device.grid_cubes(ids.unique_count), 1, 1),
+            CubeCount::Static(cubes, 1, 1),
             CubeDim::new_1d(units),
             vec,
             dweight.as_array_arg(),

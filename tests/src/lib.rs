@@ -43,6 +43,29 @@ macro_rules! on_test_backend {
     };
 }
 
+/// One `#[test]` per storage type for a generic `check::<R, F>(&device)`: f32, f16, and bf16
+/// (which on a device without bf16 checks the clean refusal instead).
+#[macro_export]
+macro_rules! test_each_dtype {
+    ($check:ident => $f32_test:ident, $f16_test:ident, $bf16_test:ident) => {
+        #[test]
+        fn $f32_test() {
+            $crate::on_test_backend!($check, f32);
+        }
+
+        #[test]
+        fn $f16_test() {
+            $crate::on_test_backend!($check, half::f16);
+        }
+
+        /// Runs where the device stores bf16 (CUDA); elsewhere checks the clean refusal.
+        #[test]
+        fn $bf16_test() {
+            $crate::on_test_backend!($check, half::bf16);
+        }
+    };
+}
+
 /// Runs a property with [`proptest_config`] and panics with proptest's report (the minimal
 /// failing case and the comparison report) if it fails.
 pub fn run_property<S: proptest::strategy::Strategy>(

@@ -138,20 +138,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     });
 }
 
-#[test]
-fn cross_entropy_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn cross_entropy_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-#[test]
-fn cross_entropy_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => cross_entropy_f32_matches_reference, cross_entropy_f16_matches_reference, cross_entropy_bf16_matches_reference_or_is_refused);
 
 /// Llama 3's vocabulary size: one row of 128k logits.
 fn wide_vocabulary<R: BackendRuntime>(dev: &Device<R>) {

@@ -88,20 +88,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     });
 }
 
-#[test]
-fn embedding_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn embedding_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-#[test]
-fn embedding_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => embedding_f32_matches_reference, embedding_f16_matches_reference, embedding_bf16_matches_reference_or_is_refused);
 
 /// Thousands of positions on a handful of tokens: the backward must be bit-identical run to run.
 fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
@@ -125,6 +112,35 @@ fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
 #[test]
 fn embedding_backward_is_bitwise_deterministic() {
     on_test_backend!(deterministic);
+}
+
+/// 70000 positions of one token. Where the device cuts long loops short (lavapipe: 65535
+/// iterations per unit), the launcher must refuse rather than return a truncated sum; where it
+/// does not, the sum must be right.
+fn many_repeats<R: BackendRuntime>(dev: &Device<R>) {
+    let n = 70_000;
+    let ids = vec![3u32; n];
+    let dout: Vec<f64> = (0..n).map(|i| (i % 7) as f64).collect();
+    let token_ids = TokenIds::upload(dev, &ids, &[n], 5).unwrap();
+    let dy = GpuTensor::<R, f32>::from_f64(dev, &dout, &[n, 1]).unwrap();
+    let mut dweight = GpuTensor::<R, f32>::zeros(dev, &[5, 1]).unwrap();
+    let outcome = embedding_backward(dev, &mut dweight, &dy, &token_ids);
+    match dev.info().max_loop_iterations {
+        Some(cap) => {
+            let err = outcome.expect_err("a loop longer than the device's cap must be refused");
+            assert!(err.to_string().contains(&format!("stops loops after {cap}")), "{err}");
+        }
+        None => {
+            outcome.unwrap();
+            let got = dweight.to_vec(dev).unwrap();
+            assert_eq!(got[3] as f64, dout.iter().sum::<f64>(), "sum over 70000 positions");
+        }
+    }
+}
+
+#[test]
+fn embedding_backward_never_returns_a_truncated_sum() {
+    on_test_backend!(many_repeats);
 }
 
 fn bad_input<R: BackendRuntime>(dev: &Device<R>) {

@@ -60,20 +60,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     });
 }
 
-#[test]
-fn grad_norm_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn grad_norm_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-#[test]
-fn grad_norm_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => grad_norm_f32_matches_reference, grad_norm_f16_matches_reference, grad_norm_bf16_matches_reference_or_is_refused);
 
 fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
     let mut rng = DataRng::new(8);

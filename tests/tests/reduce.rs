@@ -50,6 +50,9 @@ fn check<R: BackendRuntime>(
     let sums = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
     let maxima = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
     let cfg = CubeReduce::new(units, use_plane);
+    // lavapipe silently ends an invocation's loops after 65535 iterations in all: keep the
+    // work of one unit (rows per cube × columns per unit) well below that.
+    let cubes = cubes.max(rows * cols.div_ceil(units as usize) / 30_000 + 1);
     row_sum_max_kernel::launch::<R>(
         dev.client(),
         CubeCount::Static(cubes.min(rows) as u32, 1, 1),

@@ -8,7 +8,10 @@ use kernels::rmsnorm::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
-use tests::{DataRng, TestFloat, Tolerance, check_close, check_close_scaled, on_test_backend, run_property};
+use tests::{
+    DataRng, TestFloat, Tolerance, check_close, check_close_scaled, on_test_backend, refuses_unsupported,
+    run_property, test_each_dtype,
+};
 
 #[derive(Clone, Debug)]
 struct Case {
@@ -146,13 +149,7 @@ fn check_case<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> 
 }
 
 fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
-    if !dev.supports::<F>() {
-        // The device cannot store F: the launch path must say so before anything runs.
-        let err = GpuTensor::<R, F>::from_f64(dev, &[1.0], &[1]).unwrap_err();
-        assert!(
-            matches!(err, Error::UnsupportedDType { dtype, .. } if dtype == F::DTYPE),
-            "expected an unsupported-dtype error, got {err}"
-        );
+    if refuses_unsupported::<R, F>(dev) {
         return;
     }
     let cases_per_dtype = if F::DTYPE == DType::F32 { 24 } else { 12 };
@@ -161,21 +158,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     });
 }
 
-#[test]
-fn rmsnorm_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn rmsnorm_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-/// bf16 runs where the device stores it (CUDA); on wgpu the test checks the clean refusal.
-#[test]
-fn rmsnorm_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => rmsnorm_f32_matches_reference, rmsnorm_f16_matches_reference, rmsnorm_bf16_matches_reference_or_is_refused);
 
 /// Llama-sized rows: one row of 4096 and a few of 11008 (multiple register slots per unit).
 fn llama_shapes<R: BackendRuntime>(dev: &Device<R>) {

@@ -87,20 +87,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     run_property(&format!("rope {}", F::DTYPE), cases_per_dtype, cases(), |case| check::<R, F>(dev, &case));
 }
 
-#[test]
-fn rope_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn rope_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-#[test]
-fn rope_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => rope_f32_matches_reference, rope_f16_matches_reference, rope_bf16_matches_reference_or_is_refused);
 
 /// Decoding one new token at position p must rotate exactly like position p of a full pass.
 fn offset_matches_full_sequence<R: BackendRuntime>(dev: &Device<R>) {

@@ -63,20 +63,7 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     });
 }
 
-#[test]
-fn swiglu_f32_matches_reference() {
-    on_test_backend!(matches_reference, f32);
-}
-
-#[test]
-fn swiglu_f16_matches_reference() {
-    on_test_backend!(matches_reference, half::f16);
-}
-
-#[test]
-fn swiglu_bf16_matches_reference_or_is_refused() {
-    on_test_backend!(matches_reference, half::bf16);
-}
+test_each_dtype!(matches_reference => swiglu_f32_matches_reference, swiglu_f16_matches_reference, swiglu_bf16_matches_reference_or_is_refused);
 
 fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
     let a = GpuTensor::<R, f32>::zeros(dev, &[4, 8]).unwrap();
