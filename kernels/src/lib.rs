@@ -7,6 +7,8 @@
 //! element types before it launches, returning [`Error`] naming the operator and tensor.
 
 pub mod adamw;
+pub mod attention;
+pub mod attention_naive;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;

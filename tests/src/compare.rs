@@ -129,3 +129,44 @@ pub fn assert_close(what: &str, actual: &[f64], expected: &[f64], shape: &[usize
         panic!("{report}");
     }
 }
+
+/// The same magnitude for every element: the largest |expected| (a normwise comparison, for
+/// results such as attention outputs whose elements mix many terms of similar size).
+pub fn normwise(expected: &[f64]) -> Vec<f64> {
+    let max = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    vec![max; expected.len()]
+}
+
+/// FlashAttention's accuracy rule for reduced precision: the kernel's largest error against
+/// the f64 reference may be at most `factor` times the largest error of a naive implementation
+/// in the same precision (plus a floor of 1e-6·max|expected| for cases the naive one gets
+/// exactly right).
+pub fn check_against_naive(
+    what: &str,
+    actual: &[f64],
+    naive: &[f64],
+    expected: &[f64],
+    shape: &[usize],
+    factor: f64,
+) -> Result<(), String> {
+    let max_err = |x: &[f64]| x.iter().zip(expected).fold(0.0f64, |m, (a, e)| m.max((a - e).abs()));
+    let (kernel_err, naive_err) = (max_err(actual), max_err(naive));
+    let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let allowed = factor * naive_err + 1e-6 * scale;
+    if actual.iter().any(|a| !a.is_finite()) || kernel_err.is_nan() || kernel_err > allowed {
+        let tol = Tolerance { atol: allowed, rtol: 0.0 };
+        let detail = check_close(what, actual, expected, shape, tol).err().unwrap_or_default();
+        return Err(format!(
+            "{what}: max error {kernel_err:e} exceeds {factor}× the naive implementation's {naive_err:e} \
+             (+ floor {:e})\n{detail}",
+            1e-6 * scale
+        ));
+    }
+    if std::env::var_os("CUBELLAMA_TEST_VERBOSE").is_some() {
+        eprintln!(
+            "{what}: ok, kernel error {kernel_err:e}, naive error {naive_err:e}, ratio {:.3}",
+            kernel_err / naive_err.max(f64::MIN_POSITIVE)
+        );
+    }
+    Ok(())
+}

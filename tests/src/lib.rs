@@ -8,7 +8,7 @@
 pub mod compare;
 pub mod data;
 
-pub use compare::{Tolerance, assert_close, check_close, check_close_scaled};
+pub use compare::{Tolerance, assert_close, check_against_naive, check_close, check_close_scaled, normwise};
 pub use data::{DataRng, TestFloat};
 
 use dsl::{Backend, BackendRuntime, Device, Error, GpuTensor};

@@ -15,6 +15,8 @@ use crate::BackendArg;
 use anyhow::{Context, Result};
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
 use kernels::adamw::{AdamW, adamw_step};
+use kernels::attention::{attention_backward, attention_forward};
+use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
@@ -24,7 +26,8 @@ use kernels::swiglu::{swiglu_backward, swiglu_forward};
 use serde::Serialize;
 use std::time::Instant;
 
-const KERNELS: [&str; 7] = ["rmsnorm", "swiglu", "rope", "embedding", "cross_entropy", "adamw", "grad_norm"];
+const KERNELS: [&str; 8] =
+    ["rmsnorm", "swiglu", "rope", "embedding", "cross_entropy", "adamw", "grad_norm", "attention"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -37,7 +40,7 @@ pub struct BenchArgs {
     #[arg(long)]
     tokens: Option<usize>,
     /// Only these kernels (comma-separated): rmsnorm, swiglu, rope, embedding, cross_entropy,
-    /// adamw, grad_norm.
+    /// adamw, grad_norm, attention.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(KERNELS))]
     kernels: Vec<String>,
     /// Timed runs per measurement (the median is reported).
@@ -52,6 +55,30 @@ struct Report {
     tokens: usize,
     copy: CopyResult,
     kernels: Vec<KernelResult>,
+    attention: Vec<AttentionResult>,
+}
+
+/// Flash attention against the naive (materialised-scores) path on the same device.
+#[derive(Serialize)]
+struct AttentionResult {
+    pass: &'static str,
+    dtype: String,
+    batch: usize,
+    seq: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+    /// 4·B·Hq·T²·hd for a non-causal forward, half of it causal, 2.5× the forward backward.
+    flops: f64,
+    median_ms: f64,
+    tflop_per_s: f64,
+    /// Memory the pass allocates beyond its inputs and outputs (lse; delta).
+    extra_bytes: u64,
+    naive_median_ms: f64,
+    naive_extra_bytes: u64,
+    /// naive time / flash time.
+    speedup_over_naive: f64,
 }
 
 #[derive(Serialize)]
@@ -113,6 +140,7 @@ impl OnDevice for Bench<'_> {
             selected: &self.args.kernels,
             fast,
             results: Vec::new(),
+            attention: Vec::new(),
         };
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let outcome = match dtype {
@@ -129,6 +157,7 @@ impl OnDevice for Bench<'_> {
             tokens,
             copy,
             kernels: ctx.results,
+            attention: ctx.attention,
         })
     }
 }
@@ -140,6 +169,7 @@ struct Ctx<'a, R: BackendRuntime> {
     selected: &'a [String],
     fast: bool,
     results: Vec<KernelResult>,
+    attention: Vec<AttentionResult>,
 }
 
 impl<R: BackendRuntime> Ctx<'_, R> {
@@ -401,6 +431,98 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
             Ok(grad_norm(dev, &mut norm, &mut scale, &mut scratch, &refs, 1.0)?)
         })?;
     }
+    if ctx.wants("attention") {
+        bench_attention::<R, F>(ctx)?;
+    }
+    Ok(())
+}
+
+/// Causal GQA 4:1 attention: 32 query heads over 1..4k tokens on a fast device; 8 heads over
+/// 256 and 512 tokens on a slow one. Naive = scores materialised ([`NaiveScratch`]).
+fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> Result<()> {
+    let dev = ctx.dev;
+    let (q_heads, kv_heads) = if ctx.fast { (32, 8) } else { (8, 2) };
+    let seqs: &[usize] = if ctx.fast { &[512, 1024, 2048, 4096] } else { &[256, 512] };
+    let batch = 1;
+    for &head_dim in &[64usize, 128] {
+        for &seq in seqs {
+            let q_shape = [batch, seq, q_heads, head_dim];
+            let kv_shape = [batch, seq, kv_heads, head_dim];
+            let stats = [batch, q_heads, seq];
+            let q = filled::<R, F>(dev, &q_shape, 0.1)?;
+            let k = filled::<R, F>(dev, &kv_shape, 0.2)?;
+            let v = filled::<R, F>(dev, &kv_shape, 0.3)?;
+            let dout = filled::<R, F>(dev, &q_shape, 0.01)?;
+            let mut out = GpuTensor::<R, F>::uninit(dev, &q_shape)?;
+            let mut lse = GpuTensor::<R, f32>::uninit(dev, &stats)?;
+            let mut delta = GpuTensor::<R, f32>::uninit(dev, &stats)?;
+            let (mut dq, mut dk, mut dv) = (
+                GpuTensor::<R, F>::uninit(dev, &q_shape)?,
+                GpuTensor::<R, F>::uninit(dev, &kv_shape)?,
+                GpuTensor::<R, F>::uninit(dev, &kv_shape)?,
+            );
+            let label = format!("{batch}x{seq}, {q_heads}:{kv_heads} heads, hd {head_dim}");
+            eprintln!("attention {} {label}…", F::DTYPE);
+            let fwd = time_ms(dev, ctx.iters, || {
+                Ok(attention_forward(dev, &mut out, &mut lse, &q, &k, &v, true)?)
+            })?;
+            let bwd = time_ms(dev, ctx.iters, || {
+                Ok(attention_backward(
+                    dev, &mut dq, &mut dk, &mut dv, &mut delta, &dout, &q, &k, &v, &out, &lse, true,
+                )?)
+            })?;
+            // The naive path needs two [B, Hq, T, T] f32 matrices: skip it where they do not fit.
+            let score_bytes = (batch * q_heads * seq * seq * 4) as u64;
+            let (naive_fwd, naive_bwd, naive_bytes) = if score_bytes <= dev.info().max_buffer_bytes {
+                let mut scratch = NaiveScratch::new(dev, batch, q_heads, seq)?;
+                let mut naive_out = GpuTensor::<R, F>::uninit(dev, &q_shape)?;
+                let nf = time_ms(dev, ctx.iters, || {
+                    Ok(naive_attention_forward(dev, &mut naive_out, &mut scratch, &q, &k, &v, true)?)
+                })?;
+                let nb = time_ms(dev, ctx.iters, || {
+                    Ok(naive_attention_backward(
+                        dev,
+                        &mut dq,
+                        &mut dk,
+                        &mut dv,
+                        &mut scratch,
+                        &dout,
+                        &q,
+                        &k,
+                        &v,
+                        &naive_out,
+                    )?)
+                })?;
+                (nf, nb, scratch.size_bytes() as u64)
+            } else {
+                (f64::NAN, f64::NAN, 0)
+            };
+            let forward_flops = 2.0 * (batch * q_heads * seq * seq * head_dim) as f64;
+            let stat_bytes = (batch * q_heads * seq * 4) as u64;
+            for (pass, flops, ms, naive_ms, naive_extra) in [
+                ("forward", forward_flops, fwd, naive_fwd, score_bytes),
+                ("backward", 2.5 * forward_flops, bwd, naive_bwd, naive_bytes),
+            ] {
+                ctx.attention.push(AttentionResult {
+                    pass,
+                    dtype: F::DTYPE.to_string(),
+                    batch,
+                    seq,
+                    q_heads,
+                    kv_heads,
+                    head_dim,
+                    causal: true,
+                    flops,
+                    median_ms: ms,
+                    tflop_per_s: flops / (ms * 1e-3) / 1e12,
+                    extra_bytes: stat_bytes,
+                    naive_median_ms: naive_ms,
+                    naive_extra_bytes: if naive_ms.is_nan() { 0 } else { naive_extra },
+                    speedup_over_naive: naive_ms / ms,
+                });
+            }
+        }
+    }
     Ok(())
 }
 
@@ -413,11 +535,13 @@ fn print_table(report: &Report) {
         report.copy.median_ms,
         report.tokens
     );
-    println!();
-    println!(
-        "{:<14} {:<9} {:<6} {:<24} {:>11} {:>9} {:>8}",
-        "kernel", "pass", "dtype", "shape", "median", "GB/s", "of copy"
-    );
+    if !report.kernels.is_empty() {
+        println!();
+        println!(
+            "{:<14} {:<9} {:<6} {:<24} {:>11} {:>9} {:>8}",
+            "kernel", "pass", "dtype", "shape", "median", "GB/s", "of copy"
+        );
+    }
     for k in &report.kernels {
         println!(
             "{:<14} {:<9} {:<6} {:<24} {:>8.3} ms {:>9.1} {:>7.0}%",
@@ -428,6 +552,33 @@ fn print_table(report: &Report) {
             k.median_ms,
             k.gb_per_s,
             100.0 * k.fraction_of_copy
+        );
+    }
+    if report.attention.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "attention, causal (FLOPs: 2·B·Hq·T²·hd forward, 2.5× that backward; extra = memory beyond inputs/outputs)"
+    );
+    println!(
+        "{:<9} {:<6} {:<6} {:<8} {:>5} {:>11} {:>9} {:>9} {:>12} {:>11} {:>8}",
+        "pass", "dtype", "T", "heads", "hd", "median", "GFLOP/s", "extra", "naive", "naive extra", "speedup"
+    );
+    for a in &report.attention {
+        println!(
+            "{:<9} {:<6} {:<6} {:<8} {:>5} {:>8.2} ms {:>9.1} {:>6} KiB {:>9.2} ms {:>7} MiB {:>7.2}x",
+            a.pass,
+            a.dtype,
+            a.seq,
+            format!("{}:{}", a.q_heads, a.kv_heads),
+            a.head_dim,
+            a.median_ms,
+            a.tflop_per_s * 1e3,
+            a.extra_bytes >> 10,
+            a.naive_median_ms,
+            a.naive_extra_bytes >> 20,
+            a.speedup_over_naive
         );
     }
 }

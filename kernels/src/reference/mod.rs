@@ -3,6 +3,7 @@
 //! checked against finite differences.
 
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;

@@ -1,0 +1,733 @@
+//! Grouped-query scaled dot-product attention, flash-style: forward, backward and decode.
+//!
+//! Shapes (the dsl layout): `q`, `out`, `dout`, `dq`: `[B, Tq, Hq, hd]`; `k`, `v`, `dk`, `dv`:
+//! `[B, Tkv, Hkv, hd]` (for decoding, `[B, capacity, Hkv, hd]` of which the first `kv_len`
+//! positions are filled); `lse`, `delta`: `[B, Hq, Tq]` f32. `Hq` is a multiple of `Hkv`; query
+//! head `h` reads key/value head `h / (Hq/Hkv)`, with no copy of k or v per query head.
+//! Query `i` sits at position `position_offset + i`, key `j` at position `j`; with `causal`,
+//! query `i` sees keys `j ≤ position_offset + i`.
+//!
+//! Forward: `S = scale·QKᵀ` (scale = 1/sqrt(hd)), `P = softmax(S)` per row, `out = P·V`; saves
+//! `lse = log Σ_j e^{S_ij}` per row. Tiles of keys stream through shared memory with an online
+//! softmax: the `Tq × Tkv` matrix is never stored.
+//! Backward (FlashAttention-2's equations, recomputing P from lse): `delta = rowsum(dO ⊙ O)`,
+//! `dS = P ⊙ (dO·Vᵀ − delta)`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, `dV = Pᵀ·dO`; all three
+//! overwritten (`=`); dK and dV sum over the query heads that share a key/value head.
+//! Determinism: dK/dV are computed by one unit per key row and dQ by one unit per query row,
+//! each summing in a fixed order (no atomics), so the backward is bit-identical run to run. The
+//! price is computing P twice (once per pass) instead of FlashAttention-2's once with atomic dQ.
+//!
+//! Specialisation: `head_dim` and `causal` are comptime (each pair is its own kernel, with the
+//! head-dimension loops unrolled); tile sizes come from the device's shared memory. Sequence
+//! lengths, head counts and the position offset are runtime values.
+//!
+//! This is the portable path (plain f32 arithmetic). A tensor-core (cmma) path for CUDA is not
+//! written yet.
+
+use cubecl::prelude::*;
+use dsl::{Device, Error, FloatElement, GpuTensor, Result};
+
+/// Head dimensions a kernel is compiled for.
+pub const SUPPORTED_HEAD_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 112, 128];
+/// Elements per vector in the head dimension (every supported head_dim is a multiple).
+const VEC: usize = 4;
+
+/// The comptime part of an attention launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AttentionConfig {
+    pub head_dim: u32,
+    pub causal: bool,
+    /// Query rows per cube (one unit each).
+    pub block_q: u32,
+    /// Key rows per shared-memory tile.
+    pub block_kv: u32,
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub q_len: usize,
+    /// Filled key/value positions.
+    pub kv_len: usize,
+    /// Allocated key/value positions (≥ kv_len; the cache size when decoding).
+    pub kv_capacity: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub position_offset: usize,
+}
+
+impl AttentionConfig {
+    /// One unit per query row, 64 rows per cube; key tiles as long as the forward's shared
+    /// memory (two f32 tiles of `block_kv × head_dim` plus `block_q × block_kv` scores) fits
+    /// in three quarters of the device's (lavapipe has 32 KiB, CUDA 48 KiB without opt-in).
+    pub fn select<R: Runtime>(device: &Device<R>, head_dim: usize, causal: bool) -> Self {
+        let block_q = dsl::launch::cube_units(device, 64);
+        let budget = device.info().max_shared_memory_bytes * 3 / 4;
+        let bytes = |block_kv: usize| 4 * (2 * block_kv * head_dim + block_q as usize * block_kv);
+        let mut block_kv = 64usize;
+        while block_kv > 4 && bytes(block_kv) > budget {
+            block_kv /= 2;
+        }
+        Self { head_dim: head_dim as u32, causal, block_q, block_kv: block_kv as u32 }
+    }
+}
+
+#[cube(launch_unchecked)]
+fn attention_forward_kernel<F: Float, N: Size>(
+    out: &mut Array<Vector<F, N>>,
+    lse: &mut Array<f32>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    q_len: u32,
+    kv_len: u32,
+    kv_capacity: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    position_offset: u32,
+    scale: f32,
+    #[comptime] cfg: AttentionConfig,
+) {
+    let hdv = comptime!(cfg.head_dim as usize / VEC);
+    let bc = comptime!(cfg.block_kv as usize);
+    let br = cfg.block_q as usize;
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / q_heads as usize;
+    let h = bh % q_heads as usize;
+    let kvh = h / (q_heads / kv_heads) as usize;
+    let tid = UNIT_POS as usize;
+    let i = CUBE_POS_X as usize * br + tid;
+    let row_valid = i < q_len as usize;
+    let q_pos = position_offset as usize + i;
+
+    // This unit's query row, pre-scaled, and its output accumulator.
+    let mut q_row = Array::<Vector<f32, N>>::new(hdv);
+    let mut acc = Array::<Vector<f32, N>>::new(hdv);
+    let q_base = ((b * q_len as usize + i) * q_heads as usize + h) * hdv;
+    #[unroll]
+    for d in 0..hdv {
+        q_row[d] = Vector::new(f32::new(0.0));
+        acc[d] = Vector::new(f32::new(0.0));
+    }
+    if row_valid {
+        #[unroll]
+        for d in 0..hdv {
+            q_row[d] = Vector::<f32, N>::cast_from(q[q_base + d]) * Vector::new(scale);
+        }
+    }
+
+    // Keys this cube needs: all, or (causal) up to its last query's position.
+    let last_q = min((CUBE_POS_X as usize + 1) * br, q_len as usize);
+    let mut kv_end = kv_len as usize;
+    if comptime!(cfg.causal) {
+        kv_end = min(kv_end, position_offset as usize + last_q);
+    }
+
+    let mut k_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
+    let mut v_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
+    // Each unit's scores for the tile. Shared memory rather than a local array: llvmpipe
+    // takes 70–110 s to compile a dynamically indexed local array here, shared memory 1 s.
+    let mut scores = SharedMemory::<f32>::new(comptime!(cfg.block_q as usize * cfg.block_kv as usize));
+    let mut m = f32::min_value();
+    let mut l = f32::new(0.0);
+    let mut j0 = 0usize;
+    while j0 < kv_end {
+        // All units load the tile together, zero past the filled keys.
+        let mut e = tid;
+        while e < bc * hdv {
+            let j = j0 + e / hdv;
+            let mut kt = Vector::<f32, N>::new(f32::new(0.0));
+            let mut vt = Vector::<f32, N>::new(f32::new(0.0));
+            if j < kv_len as usize {
+                let at = ((b * kv_capacity as usize + j) * kv_heads as usize + kvh) * hdv + e % hdv;
+                kt = Vector::<f32, N>::cast_from(k[at]);
+                vt = Vector::<f32, N>::cast_from(v[at]);
+            }
+            k_tile[e] = kt;
+            v_tile[e] = vt;
+            e += br;
+        }
+        sync_cube();
+
+        let mut tile_max = f32::min_value();
+        for jj in 0..bc {
+            let j = j0 + jj;
+            let mut dot = Vector::<f32, N>::new(f32::new(0.0));
+            #[unroll]
+            for d in 0..hdv {
+                dot += q_row[d] * k_tile[jj * hdv + d];
+            }
+            let mut s = f32::cast_from(dot.vector_sum());
+            let mut visible = j < kv_len as usize;
+            if comptime!(cfg.causal) {
+                visible = visible && j <= q_pos;
+            }
+            s = select(visible, s, f32::min_value());
+            scores[tid * bc + jj] = s;
+            tile_max = f32::max(tile_max, s);
+        }
+        let m_new = f32::max(m, tile_max);
+        let correction = f32::exp(m - m_new);
+        l *= correction;
+        #[unroll]
+        for d in 0..hdv {
+            acc[d] = acc[d] * Vector::new(correction);
+        }
+        for jj in 0..bc {
+            let j = j0 + jj;
+            let mut visible = j < kv_len as usize;
+            if comptime!(cfg.causal) {
+                visible = visible && j <= q_pos;
+            }
+            // Explicitly 0 when hidden: while every key so far is hidden, m_new is the
+            // sentinel and exp(s − m_new) would be 1.
+            let p = select(visible, f32::exp(scores[tid * bc + jj] - m_new), f32::new(0.0));
+            l += p;
+            #[unroll]
+            for d in 0..hdv {
+                acc[d] += v_tile[jj * hdv + d] * Vector::new(p);
+            }
+        }
+        m = m_new;
+        sync_cube();
+        j0 += bc;
+    }
+
+    if row_valid {
+        let inv_l = Vector::<f32, N>::new(f32::new(1.0) / l);
+        #[unroll]
+        for d in 0..hdv {
+            out[q_base + d] = Vector::cast_from(acc[d] * inv_l);
+        }
+        lse[(b * q_heads as usize + h) * q_len as usize + i] = m + f32::ln(l);
+    }
+}
+
+/// `delta[b, h, i] = Σ_d dout · out` for every query row.
+#[cube(launch_unchecked)]
+fn attention_delta_kernel<F: Float, N: Size>(
+    delta: &mut Array<f32>,
+    dout: &Array<Vector<F, N>>,
+    out: &Array<Vector<F, N>>,
+    q_len: u32,
+    q_heads: u32,
+    rows: u32,
+    #[comptime] head_dim: u32,
+) {
+    let hdv = comptime!(head_dim as usize / VEC);
+    let row = ABSOLUTE_POS; // (b, i, h) in the [B, Tq, Hq] order of the tensors
+    if row < rows as usize {
+        let mut dot = Vector::<f32, N>::new(f32::new(0.0));
+        #[unroll]
+        for d in 0..hdv {
+            dot += Vector::<f32, N>::cast_from(dout[row * hdv + d])
+                * Vector::<f32, N>::cast_from(out[row * hdv + d]);
+        }
+        let h = row % q_heads as usize;
+        let bi = row / q_heads as usize;
+        let (b, i) = (bi / q_len as usize, bi % q_len as usize);
+        delta[(b * q_heads as usize + h) * q_len as usize + i] = f32::cast_from(dot.vector_sum());
+    }
+}
+
+/// dK and dV: one unit per key row, summing over every query (of every query head in the
+/// group) that sees it, tile by tile of queries through shared memory.
+#[cube(launch_unchecked)]
+fn attention_dkdv_kernel<F: Float, N: Size>(
+    dk: &mut Array<Vector<F, N>>,
+    dv: &mut Array<Vector<F, N>>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    dout: &Array<Vector<F, N>>,
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    q_len: u32,
+    kv_len: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    position_offset: u32,
+    scale: f32,
+    #[comptime] cfg: AttentionConfig,
+) {
+    let hdv = comptime!(cfg.head_dim as usize / VEC);
+    let bq = comptime!(cfg.block_kv as usize); // query rows per tile
+    let units = cfg.block_q as usize; // key rows per cube
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / kv_heads as usize;
+    let kvh = bh % kv_heads as usize;
+    let group = (q_heads / kv_heads) as usize;
+    let tid = UNIT_POS as usize;
+    let j = CUBE_POS_X as usize * units + tid;
+    let key_valid = j < kv_len as usize;
+
+    let mut k_row = Array::<Vector<f32, N>>::new(hdv);
+    let mut v_row = Array::<Vector<f32, N>>::new(hdv);
+    let mut dk_acc = Array::<Vector<f32, N>>::new(hdv);
+    let mut dv_acc = Array::<Vector<f32, N>>::new(hdv);
+    let kv_base = ((b * kv_len as usize + j) * kv_heads as usize + kvh) * hdv;
+    #[unroll]
+    for d in 0..hdv {
+        k_row[d] = Vector::new(f32::new(0.0));
+        v_row[d] = Vector::new(f32::new(0.0));
+        dk_acc[d] = Vector::new(f32::new(0.0));
+        dv_acc[d] = Vector::new(f32::new(0.0));
+    }
+    if key_valid {
+        #[unroll]
+        for d in 0..hdv {
+            k_row[d] = Vector::<f32, N>::cast_from(k[kv_base + d]);
+            v_row[d] = Vector::<f32, N>::cast_from(v[kv_base + d]);
+        }
+    }
+
+    // Causal: queries before the cube's first key (minus the offset) see none of its keys.
+    let mut i_start = 0usize;
+    if comptime!(cfg.causal) {
+        let first_key = CUBE_POS_X as usize * units;
+        if first_key > position_offset as usize {
+            i_start = (first_key - position_offset as usize) / bq * bq;
+        }
+    }
+
+    let mut q_tile = SharedMemory::<Vector<f32, N>>::new(bq * hdv);
+    let mut do_tile = SharedMemory::<Vector<f32, N>>::new(bq * hdv);
+    let mut lse_tile = SharedMemory::<f32>::new(bq);
+    let mut delta_tile = SharedMemory::<f32>::new(bq);
+    for g in 0..group {
+        let h = kvh * group + g;
+        let stats_base = (b * q_heads as usize + h) * q_len as usize;
+        let mut i0 = i_start;
+        while i0 < q_len as usize {
+            let mut e = tid;
+            while e < bq * hdv {
+                let i = i0 + e / hdv;
+                let mut qt = Vector::<f32, N>::new(f32::new(0.0));
+                let mut dot = Vector::<f32, N>::new(f32::new(0.0));
+                if i < q_len as usize {
+                    let at = ((b * q_len as usize + i) * q_heads as usize + h) * hdv + e % hdv;
+                    qt = Vector::<f32, N>::cast_from(q[at]);
+                    dot = Vector::<f32, N>::cast_from(dout[at]);
+                }
+                q_tile[e] = qt;
+                do_tile[e] = dot;
+                e += units;
+            }
+            let mut r = tid;
+            while r < bq {
+                let i = i0 + r;
+                let mut lse_i = f32::new(0.0);
+                let mut delta_i = f32::new(0.0);
+                if i < q_len as usize {
+                    lse_i = lse[stats_base + i];
+                    delta_i = delta[stats_base + i];
+                }
+                lse_tile[r] = lse_i;
+                delta_tile[r] = delta_i;
+                r += units;
+            }
+            sync_cube();
+
+            for ii in 0..bq {
+                let i = i0 + ii;
+                let mut visible = key_valid && i < q_len as usize;
+                if comptime!(cfg.causal) {
+                    visible = visible && j <= position_offset as usize + i;
+                }
+                let mut qk = Vector::<f32, N>::new(f32::new(0.0));
+                let mut dov = Vector::<f32, N>::new(f32::new(0.0));
+                #[unroll]
+                for d in 0..hdv {
+                    qk += q_tile[ii * hdv + d] * k_row[d];
+                    dov += do_tile[ii * hdv + d] * v_row[d];
+                }
+                let s = f32::cast_from(qk.vector_sum()) * scale;
+                let p = select(visible, f32::exp(s - lse_tile[ii]), f32::new(0.0));
+                let ds = p * (f32::cast_from(dov.vector_sum()) - delta_tile[ii]);
+                #[unroll]
+                for d in 0..hdv {
+                    dv_acc[d] += do_tile[ii * hdv + d] * Vector::new(p);
+                    dk_acc[d] += q_tile[ii * hdv + d] * Vector::new(ds);
+                }
+            }
+            sync_cube();
+            i0 += bq;
+        }
+    }
+
+    if key_valid {
+        #[unroll]
+        for d in 0..hdv {
+            dk[kv_base + d] = Vector::cast_from(dk_acc[d] * Vector::new(scale));
+            dv[kv_base + d] = Vector::cast_from(dv_acc[d]);
+        }
+    }
+}
+
+/// dQ: one unit per query row, over tiles of keys through shared memory.
+#[cube(launch_unchecked)]
+fn attention_dq_kernel<F: Float, N: Size>(
+    dq: &mut Array<Vector<F, N>>,
+    q: &Array<Vector<F, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    dout: &Array<Vector<F, N>>,
+    lse: &Array<f32>,
+    delta: &Array<f32>,
+    q_len: u32,
+    kv_len: u32,
+    q_heads: u32,
+    kv_heads: u32,
+    position_offset: u32,
+    scale: f32,
+    #[comptime] cfg: AttentionConfig,
+) {
+    let hdv = comptime!(cfg.head_dim as usize / VEC);
+    let bc = comptime!(cfg.block_kv as usize);
+    let br = cfg.block_q as usize;
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / q_heads as usize;
+    let h = bh % q_heads as usize;
+    let kvh = h / (q_heads / kv_heads) as usize;
+    let tid = UNIT_POS as usize;
+    let i = CUBE_POS_X as usize * br + tid;
+    let row_valid = i < q_len as usize;
+    let q_pos = position_offset as usize + i;
+
+    let mut q_row = Array::<Vector<f32, N>>::new(hdv);
+    let mut do_row = Array::<Vector<f32, N>>::new(hdv);
+    let mut dq_acc = Array::<Vector<f32, N>>::new(hdv);
+    let q_base = ((b * q_len as usize + i) * q_heads as usize + h) * hdv;
+    #[unroll]
+    for d in 0..hdv {
+        q_row[d] = Vector::new(f32::new(0.0));
+        do_row[d] = Vector::new(f32::new(0.0));
+        dq_acc[d] = Vector::new(f32::new(0.0));
+    }
+    let mut lse_i = f32::new(0.0);
+    let mut delta_i = f32::new(0.0);
+    if row_valid {
+        #[unroll]
+        for d in 0..hdv {
+            q_row[d] = Vector::<f32, N>::cast_from(q[q_base + d]);
+            do_row[d] = Vector::<f32, N>::cast_from(dout[q_base + d]);
+        }
+        let stat = (b * q_heads as usize + h) * q_len as usize + i;
+        lse_i = lse[stat];
+        delta_i = delta[stat];
+    }
+
+    let last_q = min((CUBE_POS_X as usize + 1) * br, q_len as usize);
+    let mut kv_end = kv_len as usize;
+    if comptime!(cfg.causal) {
+        kv_end = min(kv_end, position_offset as usize + last_q);
+    }
+    let mut k_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
+    let mut v_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
+    let mut j0 = 0usize;
+    while j0 < kv_end {
+        let mut e = tid;
+        while e < bc * hdv {
+            let j = j0 + e / hdv;
+            let mut kt = Vector::<f32, N>::new(f32::new(0.0));
+            let mut vt = Vector::<f32, N>::new(f32::new(0.0));
+            if j < kv_len as usize {
+                let at = ((b * kv_len as usize + j) * kv_heads as usize + kvh) * hdv + e % hdv;
+                kt = Vector::<f32, N>::cast_from(k[at]);
+                vt = Vector::<f32, N>::cast_from(v[at]);
+            }
+            k_tile[e] = kt;
+            v_tile[e] = vt;
+            e += br;
+        }
+        sync_cube();
+        for jj in 0..bc {
+            let j = j0 + jj;
+            let mut visible = row_valid && j < kv_len as usize;
+            if comptime!(cfg.causal) {
+                visible = visible && j <= q_pos;
+            }
+            let mut qk = Vector::<f32, N>::new(f32::new(0.0));
+            let mut dov = Vector::<f32, N>::new(f32::new(0.0));
+            #[unroll]
+            for d in 0..hdv {
+                qk += q_row[d] * k_tile[jj * hdv + d];
+                dov += do_row[d] * v_tile[jj * hdv + d];
+            }
+            let s = f32::cast_from(qk.vector_sum()) * scale;
+            let p = select(visible, f32::exp(s - lse_i), f32::new(0.0));
+            let ds = p * (f32::cast_from(dov.vector_sum()) - delta_i);
+            #[unroll]
+            for d in 0..hdv {
+                dq_acc[d] += k_tile[jj * hdv + d] * Vector::new(ds);
+            }
+        }
+        sync_cube();
+        j0 += bc;
+    }
+    if row_valid {
+        #[unroll]
+        for d in 0..hdv {
+            dq[q_base + d] = Vector::cast_from(dq_acc[d] * Vector::new(scale));
+        }
+    }
+}
+
+fn head_shape(op: &'static str, name: &'static str, t: &[usize]) -> Result<[usize; 4]> {
+    <[usize; 4]>::try_from(t).map_err(|_| Error::InvalidArgument {
+        op,
+        message: format!("{name} must be [B, T, H, head_dim], got shape {t:?}"),
+    })
+}
+
+/// Validates q/k/v (and the decode extras) and returns the call's shape.
+fn check_inputs<R: Runtime, F: FloatElement>(
+    op: &'static str,
+    device: &Device<R>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    kv_len: usize,
+    position_offset: usize,
+    causal: bool,
+) -> Result<AttentionShape> {
+    device.check_dtype::<F>(op)?;
+    let [batch, q_len, q_heads, head_dim] = head_shape(op, "q", q.shape())?;
+    let [kb, kv_capacity, kv_heads, khd] = head_shape(op, "k", k.shape())?;
+    Error::check_shape(op, "v", v.shape(), k.shape())?;
+    if kb != batch || khd != head_dim {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("k {:?} does not match q {:?} in batch or head_dim", k.shape(), q.shape()),
+        });
+    }
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(Error::Unsupported {
+            op,
+            message: format!("head_dim {head_dim} is not compiled; supported: {SUPPORTED_HEAD_DIMS:?}"),
+        });
+    }
+    if kv_heads == 0 || q_heads % kv_heads != 0 {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads}) for grouped-query attention"
+            ),
+        });
+    }
+    if kv_len == 0 || kv_len > kv_capacity {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!("kv_len {kv_len} must be in 1..={kv_capacity} (the k/v tensors' positions)"),
+        });
+    }
+    if causal && position_offset + q_len > kv_len {
+        return Err(Error::InvalidArgument {
+            op,
+            message: format!(
+                "causal queries at positions {position_offset}..{} need keys up to there, but only {kv_len} are filled",
+                position_offset + q_len
+            ),
+        });
+    }
+    Ok(AttentionShape { batch, q_len, kv_len, kv_capacity, q_heads, kv_heads, head_dim, position_offset })
+}
+
+fn launch_forward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    lse: &mut GpuTensor<R, f32>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    shape: AttentionShape,
+    cfg: AttentionConfig,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    Error::check_shape(OP, "out", out.shape(), q.shape())?;
+    Error::check_shape(OP, "lse", lse.shape(), &[shape.batch, shape.q_heads, shape.q_len])?;
+    if shape.batch * shape.q_len == 0 {
+        return Ok(());
+    }
+    let blocks = shape.q_len.div_ceil(cfg.block_q as usize) as u32;
+    // SAFETY: query rows are guarded by `i < q_len`, key rows by `j < kv_len ≤ kv_capacity`;
+    // head indices are < Hq, Hkv by construction (h < Hq from the grid, kvh = h / group);
+    // head_dim equals the compiled one (checked), so d < hd/4 stays inside each row.
+    unsafe {
+        attention_forward_kernel::launch_unchecked::<F, R>(
+            device.client(),
+            CubeCount::Static(blocks, (shape.batch * shape.q_heads) as u32, 1),
+            CubeDim::new_1d(cfg.block_q),
+            VEC,
+            out.as_array_arg(),
+            lse.as_array_arg(),
+            q.as_array_arg(),
+            k.as_array_arg(),
+            v.as_array_arg(),
+            shape.q_len as u32,
+            shape.kv_len as u32,
+            shape.kv_capacity as u32,
+            shape.q_heads as u32,
+            shape.kv_heads as u32,
+            shape.position_offset as u32,
+            1.0 / (shape.head_dim as f32).sqrt(),
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// Training forward: q, k, v of the same length T (`position_offset` 0), `out =`, `lse =`.
+pub fn attention_forward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    lse: &mut GpuTensor<R, f32>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    causal: bool,
+) -> Result<()> {
+    const OP: &str = "attention_forward";
+    let kv_len = k.shape().get(1).copied().unwrap_or(0);
+    let shape = check_inputs(OP, device, q, k, v, kv_len, 0, causal)?;
+    if shape.q_len != shape.kv_len {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!(
+                "training attention needs q and k of the same length, got {} and {} (use attention_decode for a KV cache)",
+                shape.q_len, shape.kv_len
+            ),
+        });
+    }
+    let cfg = AttentionConfig::select(device, shape.head_dim, causal);
+    launch_forward(device, out, lse, q, k, v, shape, cfg)
+}
+
+/// Decoding: `q` holds the `Tq` newest positions `position_offset..position_offset + Tq`
+/// (causal), attending to the first `kv_len` positions of the cache `k_cache`, `v_cache`
+/// (`[B, capacity, Hkv, hd]`).
+pub fn attention_decode<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    lse: &mut GpuTensor<R, f32>,
+    q: &GpuTensor<R, F>,
+    k_cache: &GpuTensor<R, F>,
+    v_cache: &GpuTensor<R, F>,
+    kv_len: usize,
+    position_offset: usize,
+) -> Result<()> {
+    let shape = check_inputs("attention_decode", device, q, k_cache, v_cache, kv_len, position_offset, true)?;
+    let cfg = AttentionConfig::select(device, shape.head_dim, true);
+    launch_forward(device, out, lse, q, k_cache, v_cache, shape, cfg)
+}
+
+/// Backward of [`attention_forward`]: `dq =`, `dk =`, `dv =`. `delta` is a `[B, Hq, T]` f32
+/// scratch (overwritten).
+pub fn attention_backward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    dq: &mut GpuTensor<R, F>,
+    dk: &mut GpuTensor<R, F>,
+    dv: &mut GpuTensor<R, F>,
+    delta: &mut GpuTensor<R, f32>,
+    dout: &GpuTensor<R, F>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    out: &GpuTensor<R, F>,
+    lse: &GpuTensor<R, f32>,
+    causal: bool,
+) -> Result<()> {
+    const OP: &str = "attention_backward";
+    let kv_len = k.shape().get(1).copied().unwrap_or(0);
+    let shape = check_inputs(OP, device, q, k, v, kv_len, 0, causal)?;
+    if shape.q_len != shape.kv_len {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("q and k must have the same length, got {} and {}", shape.q_len, shape.kv_len),
+        });
+    }
+    for (name, t) in [("dq", dq.shape()), ("dout", dout.shape()), ("out", out.shape())] {
+        Error::check_shape(OP, name, t, q.shape())?;
+    }
+    Error::check_shape(OP, "dk", dk.shape(), k.shape())?;
+    Error::check_shape(OP, "dv", dv.shape(), k.shape())?;
+    let stats = [shape.batch, shape.q_heads, shape.q_len];
+    Error::check_shape(OP, "lse", lse.shape(), &stats)?;
+    Error::check_shape(OP, "delta", delta.shape(), &stats)?;
+    if shape.batch * shape.q_len == 0 {
+        return Ok(());
+    }
+    let cfg = AttentionConfig::select(device, shape.head_dim, causal);
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    let rows = shape.batch * shape.q_len * shape.q_heads;
+    let (count, dim) = dsl::launch::elementwise_grid(device, rows);
+    // SAFETY: one unit per query row, guarded by `row < rows`; rows hold hd/4 vectors.
+    unsafe {
+        attention_delta_kernel::launch_unchecked::<F, R>(
+            device.client(),
+            count,
+            dim,
+            VEC,
+            delta.as_array_arg(),
+            dout.as_array_arg(),
+            out.as_array_arg(),
+            shape.q_len as u32,
+            shape.q_heads as u32,
+            rows as u32,
+            cfg.head_dim,
+        );
+    }
+    let key_blocks = shape.kv_len.div_ceil(cfg.block_q as usize) as u32;
+    // SAFETY: key rows guarded by `j < kv_len`, query rows by `i < q_len`; heads in range as in
+    // the forward.
+    unsafe {
+        attention_dkdv_kernel::launch_unchecked::<F, R>(
+            device.client(),
+            CubeCount::Static(key_blocks, (shape.batch * shape.kv_heads) as u32, 1),
+            CubeDim::new_1d(cfg.block_q),
+            VEC,
+            dk.as_array_arg(),
+            dv.as_array_arg(),
+            q.as_array_arg(),
+            k.as_array_arg(),
+            v.as_array_arg(),
+            dout.as_array_arg(),
+            lse.as_array_arg(),
+            delta.as_array_arg(),
+            shape.q_len as u32,
+            shape.kv_len as u32,
+            shape.q_heads as u32,
+            shape.kv_heads as u32,
+            0,
+            scale,
+            cfg,
+        );
+    }
+    let query_blocks = shape.q_len.div_ceil(cfg.block_q as usize) as u32;
+    // SAFETY: as in the forward.
+    unsafe {
+        attention_dq_kernel::launch_unchecked::<F, R>(
+            device.client(),
+            CubeCount::Static(query_blocks, (shape.batch * shape.q_heads) as u32, 1),
+            CubeDim::new_1d(cfg.block_q),
+            VEC,
+            dq.as_array_arg(),
+            q.as_array_arg(),
+            k.as_array_arg(),
+            v.as_array_arg(),
+            dout.as_array_arg(),
+            lse.as_array_arg(),
+            delta.as_array_arg(),
+            shape.q_len as u32,
+            shape.kv_len as u32,
+            shape.q_heads as u32,
+            shape.kv_heads as u32,
+            0,
+            scale,
+            cfg,
+        );
+    }
+    Ok(())
+}

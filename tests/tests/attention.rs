@@ -1,0 +1,476 @@
+//! Flash attention against the materialised f64 reference: forward, backward, decoding.
+
+use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
+use kernels::attention::{
+    AttentionShape, SUPPORTED_HEAD_DIMS, attention_backward, attention_decode, attention_forward,
+};
+use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
+use kernels::reference::attention as reference;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use tests::*;
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    seq: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+    causal: bool,
+    seed: u64,
+}
+
+impl Case {
+    fn shape(&self) -> AttentionShape {
+        AttentionShape {
+            batch: self.batch,
+            q_len: self.seq,
+            kv_len: self.seq,
+            kv_capacity: self.seq,
+            q_heads: self.kv_heads * self.group,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            position_offset: 0,
+        }
+    }
+}
+
+/// Work per case (B·Hq·T²·hd) is capped so the f64 reference and lavapipe stay quick: long
+/// sequences come with few heads.
+const MAX_WORK: usize = 24_000_000;
+
+fn cases() -> impl Strategy<Value = Case> {
+    let seq = prop_oneof![
+        1 => prop::sample::select(vec![1usize, 2, 17, 63, 64, 65, 127, 300]),
+        1 => 1usize..=300,
+    ];
+    let head_dim = prop::sample::select(vec![32usize, 64, 80, 96, 128, 16, 48, 112]);
+    (1usize..=3, seq, 1usize..=4, 1usize..=8, head_dim, any::<bool>(), any::<u64>()).prop_map(
+        |(batch, seq, kv_heads, group, head_dim, causal, seed)| {
+            let per_token2 = batch * kv_heads * group * head_dim;
+            let seq = seq.min(((MAX_WORK / per_token2) as f64).sqrt() as usize).max(1);
+            Case { batch, seq, kv_heads, group, head_dim, causal, seed }
+        },
+    )
+}
+
+struct Expected {
+    out: Vec<f64>,
+    lse: Vec<f64>,
+    dq: Vec<f64>,
+    dk: Vec<f64>,
+    dv: Vec<f64>,
+}
+
+fn reference_run(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dout: &[f64],
+    s: &AttentionShape,
+    causal: bool,
+    round: &dyn Fn(f64) -> f64,
+    accumulate: &dyn Fn(f64) -> f64,
+) -> Expected {
+    let mut e = Expected {
+        out: vec![0.0; q.len()],
+        lse: vec![0.0; s.batch * s.q_heads * s.q_len],
+        dq: vec![0.0; q.len()],
+        dk: vec![0.0; k.len()],
+        dv: vec![0.0; k.len()],
+    };
+    reference::attention_forward_rounded(&mut e.out, &mut e.lse, q, k, v, s, causal, round, accumulate);
+    reference::attention_backward_rounded(
+        &mut e.dq, &mut e.dk, &mut e.dv, dout, q, k, v, s, causal, round, accumulate,
+    );
+    e
+}
+
+fn check<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Result<(), TestCaseError> {
+    let s = case.shape();
+    let q_shape = [s.batch, s.q_len, s.q_heads, s.head_dim];
+    let kv_shape = [s.batch, s.kv_len, s.kv_heads, s.head_dim];
+    let stats = [s.batch, s.q_heads, s.q_len];
+    let mut rng = DataRng::new(case.seed);
+    let q = F::round_all(&rng.normals(q_shape.iter().product(), 0.0, 1.0));
+    let k = F::round_all(&rng.normals(kv_shape.iter().product(), 0.0, 1.0));
+    let v = F::round_all(&rng.normals(kv_shape.iter().product(), 0.0, 1.0));
+    let dout = F::round_all(&rng.normals(q.len(), 0.0, 1.0));
+    let want = reference_run(&q, &k, &v, &dout, &s, case.causal, &|x| x, &|x| x);
+
+    let qt = upload::<R, F>(dev, &q, &q_shape)?;
+    let kt = upload::<R, F>(dev, &k, &kv_shape)?;
+    let vt = upload::<R, F>(dev, &v, &kv_shape)?;
+    let dyt = upload::<R, F>(dev, &dout, &q_shape)?;
+    let mut out = nan_tensor::<R, F>(dev, &q_shape)?;
+    let mut lse = nan_tensor::<R, f32>(dev, &stats)?;
+    attention_forward(dev, &mut out, &mut lse, &qt, &kt, &vt, case.causal).map_err(fail)?;
+    let (mut dq, mut dk, mut dv) = (
+        nan_tensor::<R, F>(dev, &q_shape)?,
+        nan_tensor::<R, F>(dev, &kv_shape)?,
+        nan_tensor::<R, F>(dev, &kv_shape)?,
+    );
+    let mut delta = nan_tensor::<R, f32>(dev, &stats)?;
+    attention_backward(
+        dev,
+        &mut dq,
+        &mut dk,
+        &mut dv,
+        &mut delta,
+        &dyt,
+        &qt,
+        &kt,
+        &vt,
+        &out,
+        &lse,
+        case.causal,
+    )
+    .map_err(fail)?;
+    let got = Expected {
+        out: download(dev, &out)?,
+        lse: download(dev, &lse)?,
+        dq: download(dev, &dq)?,
+        dk: download(dev, &dk)?,
+        dv: download(dev, &dv)?,
+    };
+    let what = |t: &str| format!("{t} [{} {case:?}]", F::DTYPE);
+    let named = [
+        ("out", &got.out, &want.out, &q_shape[..]),
+        ("dq", &got.dq, &want.dq, &q_shape[..]),
+        ("dk", &got.dk, &want.dk, &kv_shape[..]),
+        ("dv", &got.dv, &want.dv, &kv_shape[..]),
+    ];
+    if F::DTYPE == DType::F32 {
+        // Normwise: each element mixes up to T terms of similar size (worst seen ≈ 0.3 of this).
+        let tol = Tolerance { atol: 1e-6, rtol: 5e-6 };
+        for (name, g, w, shape) in named {
+            check_close_scaled(&what(name), g, w, &normwise(w), shape, tol).map_err(TestCaseError::fail)?;
+        }
+    } else {
+        let round = |x: f64| F::round_trip(x);
+        let f32_sum = |x: f64| x as f32 as f64;
+        let naive = reference_run(&q, &k, &v, &dout, &s, case.causal, &round, &f32_sum);
+        let naive_of = [&naive.out, &naive.dq, &naive.dk, &naive.dv];
+        for ((name, g, w, shape), n) in named.into_iter().zip(naive_of) {
+            check_against_naive(&what(name), g, n, w, shape, 2.0).map_err(TestCaseError::fail)?;
+        }
+    }
+    // lse is f32 whatever F is: a log-sum-exp of up to 300 terms, relative to its size.
+    check_close_scaled(
+        &what("lse"),
+        &got.lse,
+        &want.lse,
+        &normwise(&want.lse),
+        &stats,
+        Tolerance::for_dtype(DType::F32),
+    )
+    .map_err(TestCaseError::fail)?;
+    Ok(())
+}
+
+fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    let cases_per_dtype = if F::DTYPE == DType::F32 { 24 } else { 12 };
+    run_property(&format!("attention {}", F::DTYPE), cases_per_dtype, cases(), |case| {
+        check::<R, F>(dev, &case)
+    });
+}
+
+test_each_dtype!(matches_reference => attention_f32_matches_reference, attention_f16_matches_reference, attention_bf16_matches_reference_or_is_refused);
+
+/// Every compiled head_dim, causal and not, GQA 4:1, a length that is not a multiple of any
+/// tile.
+fn every_head_dim<R: BackendRuntime>(dev: &Device<R>) {
+    for head_dim in SUPPORTED_HEAD_DIMS {
+        for causal in [false, true] {
+            let case =
+                Case { batch: 1, seq: 37, kv_heads: 2, group: 4, head_dim, causal, seed: head_dim as u64 };
+            check::<R, f32>(dev, &case).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn attention_every_supported_head_dim() {
+    on_test_backend!(every_head_dim);
+}
+
+/// Decoding the last positions against a KV cache (larger than what is filled) gives the full
+/// forward's rows for those positions.
+fn decode_matches_full<R: BackendRuntime>(dev: &Device<R>) {
+    let (batch, seq, kv_heads, group, hd, capacity) = (2, 45, 2, 3, 64, 64);
+    let q_heads = kv_heads * group;
+    let mut rng = DataRng::new(21);
+    let q = rng.normals(batch * seq * q_heads * hd, 0.0, 1.0);
+    let k = rng.normals(batch * seq * kv_heads * hd, 0.0, 1.0);
+    let v = rng.normals(batch * seq * kv_heads * hd, 0.0, 1.0);
+    let up = |x: &[f64], shape: &[usize]| GpuTensor::<R, f32>::from_f64(dev, x, shape).unwrap();
+    let (qt, kt, vt) = (
+        up(&q, &[batch, seq, q_heads, hd]),
+        up(&k, &[batch, seq, kv_heads, hd]),
+        up(&v, &[batch, seq, kv_heads, hd]),
+    );
+    let mut full = GpuTensor::<R, f32>::uninit(dev, &[batch, seq, q_heads, hd]).unwrap();
+    let mut lse = GpuTensor::<R, f32>::uninit(dev, &[batch, q_heads, seq]).unwrap();
+    attention_forward(dev, &mut full, &mut lse, &qt, &kt, &vt, true).unwrap();
+    let full = full.to_vec(dev).unwrap();
+
+    // The cache holds `capacity` positions per sequence, the first `seq` filled.
+    let mut cache_k = vec![0.0; batch * capacity * kv_heads * hd];
+    let mut cache_v = cache_k.clone();
+    let row = kv_heads * hd;
+    for b in 0..batch {
+        for t in 0..seq {
+            let (src, dst) = ((b * seq + t) * row, (b * capacity + t) * row);
+            cache_k[dst..dst + row].copy_from_slice(&k[src..src + row]);
+            cache_v[dst..dst + row].copy_from_slice(&v[src..src + row]);
+        }
+    }
+    let kc = up(&cache_k, &[batch, capacity, kv_heads, hd]);
+    let vc = up(&cache_v, &[batch, capacity, kv_heads, hd]);
+    for new in [1usize, 3] {
+        let offset = seq - new;
+        let q_row = q_heads * hd;
+        let mut q_new = Vec::new();
+        for b in 0..batch {
+            q_new.extend_from_slice(&q[(b * seq + offset) * q_row..(b * seq + seq) * q_row]);
+        }
+        let qn = up(&q_new, &[batch, new, q_heads, hd]);
+        let mut out = GpuTensor::<R, f32>::uninit(dev, &[batch, new, q_heads, hd]).unwrap();
+        let mut lse_new = GpuTensor::<R, f32>::uninit(dev, &[batch, q_heads, new]).unwrap();
+        attention_decode(dev, &mut out, &mut lse_new, &qn, &kc, &vc, seq, offset).unwrap();
+        let got: Vec<f64> = out.to_vec(dev).unwrap().into_iter().map(f64::from).collect();
+        let mut want = Vec::new();
+        for b in 0..batch {
+            want.extend(full[(b * seq + offset) * q_row..(b * seq + seq) * q_row].iter().map(|&x| x as f64));
+        }
+        let tol = Tolerance { atol: 1e-6, rtol: 1e-5 };
+        assert_close(
+            &format!("decode of the last {new} positions"),
+            &got,
+            &want,
+            &[batch, new, q_heads, hd],
+            tol,
+        );
+    }
+}
+
+#[test]
+fn decode_matches_the_full_forward_on_the_last_positions() {
+    on_test_backend!(decode_matches_full);
+}
+
+fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
+    let case = Case { batch: 2, seq: 97, kv_heads: 2, group: 4, head_dim: 64, causal: true, seed: 5 };
+    let s = case.shape();
+    let q_shape = [s.batch, s.q_len, s.q_heads, s.head_dim];
+    let kv_shape = [s.batch, s.kv_len, s.kv_heads, s.head_dim];
+    let mut rng = DataRng::new(case.seed);
+    let mk = |rng: &mut DataRng, shape: &[usize]| {
+        GpuTensor::<R, f32>::from_f64(dev, &rng.normals(shape.iter().product(), 0.0, 1.0), shape).unwrap()
+    };
+    let (q, k, v, dy) =
+        (mk(&mut rng, &q_shape), mk(&mut rng, &kv_shape), mk(&mut rng, &kv_shape), mk(&mut rng, &q_shape));
+    let run = || {
+        let stats = [s.batch, s.q_heads, s.q_len];
+        let mut out = GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap();
+        let mut lse = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
+        attention_forward(dev, &mut out, &mut lse, &q, &k, &v, true).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap(),
+            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
+            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
+        );
+        let mut delta = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
+        attention_backward(dev, &mut dq, &mut dk, &mut dv, &mut delta, &dy, &q, &k, &v, &out, &lse, true)
+            .unwrap();
+        [out, dq, dk, dv].map(|t| t.to_vec(dev).unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>())
+    };
+    let first = run();
+    for _ in 0..2 {
+        assert!(run() == first, "attention differs bit-wise between identical runs");
+    }
+}
+
+#[test]
+fn attention_is_bitwise_deterministic() {
+    on_test_backend!(deterministic);
+}
+
+/// The naive (materialised) device path that the benchmark compares against computes the same.
+fn naive_path<R: BackendRuntime>(dev: &Device<R>) {
+    for causal in [false, true] {
+        let case = Case { batch: 2, seq: 33, kv_heads: 2, group: 3, head_dim: 48, causal, seed: 17 };
+        let s = case.shape();
+        let q_shape = [s.batch, s.q_len, s.q_heads, s.head_dim];
+        let kv_shape = [s.batch, s.kv_len, s.kv_heads, s.head_dim];
+        let mut rng = DataRng::new(case.seed);
+        let q = rng.normals(q_shape.iter().product(), 0.0, 1.0);
+        let k = rng.normals(kv_shape.iter().product(), 0.0, 1.0);
+        let v = rng.normals(kv_shape.iter().product(), 0.0, 1.0);
+        let dout = rng.normals(q.len(), 0.0, 1.0);
+        let want = reference_run(&q, &k, &v, &dout, &s, causal, &|x| x, &|x| x);
+        let up = |x: &[f64], shape: &[usize]| GpuTensor::<R, f32>::from_f64(dev, x, shape).unwrap();
+        let (qt, kt, vt, dy) = (up(&q, &q_shape), up(&k, &kv_shape), up(&v, &kv_shape), up(&dout, &q_shape));
+        let mut scratch = NaiveScratch::new(dev, s.batch, s.q_heads, s.q_len).unwrap();
+        let mut out = GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap();
+        naive_attention_forward(dev, &mut out, &mut scratch, &qt, &kt, &vt, causal).unwrap();
+        let (mut dq, mut dk, mut dv) = (
+            GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap(),
+            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
+            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
+        );
+        naive_attention_backward(dev, &mut dq, &mut dk, &mut dv, &mut scratch, &dy, &qt, &kt, &vt, &out)
+            .unwrap();
+        let tol = Tolerance { atol: 1e-6, rtol: 5e-6 };
+        for (name, t, w, shape) in [
+            ("out", &out, &want.out, &q_shape),
+            ("dq", &dq, &want.dq, &q_shape),
+            ("dk", &dk, &want.dk, &kv_shape),
+            ("dv", &dv, &want.dv, &kv_shape),
+        ] {
+            let got: Vec<f64> = t.to_vec(dev).unwrap().into_iter().map(f64::from).collect();
+            assert_close(&format!("naive {name} (causal {causal})"), &got, w, shape, tol);
+        }
+    }
+}
+
+#[test]
+fn naive_device_path_matches_reference() {
+    on_test_backend!(naive_path);
+}
+
+fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
+    let z = |shape: &[usize]| GpuTensor::<R, f32>::zeros(dev, shape).unwrap();
+    let (mut out, mut lse) = (z(&[1, 8, 6, 64]), z(&[1, 6, 8]));
+    let err = attention_forward(
+        dev,
+        &mut out,
+        &mut lse,
+        &z(&[1, 8, 6, 64]),
+        &z(&[1, 8, 4, 64]),
+        &z(&[1, 8, 4, 64]),
+        true,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "attention_forward: query heads (6) must be a multiple of key/value heads (4) for grouped-query attention"
+    );
+    let (mut out, mut lse) = (z(&[1, 8, 4, 72]), z(&[1, 4, 8]));
+    let err = attention_forward(
+        dev,
+        &mut out,
+        &mut lse,
+        &z(&[1, 8, 4, 72]),
+        &z(&[1, 8, 4, 72]),
+        &z(&[1, 8, 4, 72]),
+        true,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("head_dim 72 is not compiled; supported: [16, 32, 48, 64, 80, 96, 112, 128]"),
+        "{err}"
+    );
+    let (mut out, mut lse) = (z(&[1, 8, 4, 64]), z(&[1, 4, 8]));
+    let err = attention_forward(
+        dev,
+        &mut out,
+        &mut lse,
+        &z(&[1, 8, 4, 64]),
+        &z(&[1, 8, 4, 64]),
+        &z(&[1, 9, 4, 64]),
+        true,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { tensor: "v", .. }), "{err}");
+    let err = attention_forward(
+        dev,
+        &mut out,
+        &mut lse,
+        &z(&[1, 8, 4, 64]),
+        &z(&[1, 8, 4, 32]),
+        &z(&[1, 8, 4, 32]),
+        true,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not match q"), "{err}");
+    let (mut o1, mut l1) = (z(&[1, 2, 4, 64]), z(&[1, 4, 2]));
+    let err = attention_decode(
+        dev,
+        &mut o1,
+        &mut l1,
+        &z(&[1, 2, 4, 64]),
+        &z(&[1, 16, 4, 64]),
+        &z(&[1, 16, 4, 64]),
+        10,
+        9,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("positions 9..11 need keys up to there, but only 10 are filled"),
+        "{err}"
+    );
+}
+
+#[test]
+fn attention_rejects_bad_input() {
+    on_test_backend!(bad_input);
+}
+
+#[test]
+fn reference_backward_matches_finite_differences() {
+    let strategy = (1usize..=2, 1usize..=4, 1usize..=2, 1usize..=2, any::<bool>(), any::<u64>());
+    run_property(
+        "attention reference finite differences",
+        32,
+        strategy,
+        |(batch, seq, kv_heads, group, causal, seed)| {
+            let s = AttentionShape {
+                batch,
+                q_len: seq,
+                kv_len: seq,
+                kv_capacity: seq,
+                q_heads: kv_heads * group,
+                kv_heads,
+                head_dim: 4,
+                position_offset: 0,
+            };
+            let mut rng = DataRng::new(seed);
+            let nq = batch * seq * s.q_heads * 4;
+            let nk = batch * seq * kv_heads * 4;
+            let (q, k, v, dout) = (
+                rng.normals(nq, 0.0, 1.0),
+                rng.normals(nk, 0.0, 1.0),
+                rng.normals(nk, 0.0, 1.0),
+                rng.normals(nq, 0.0, 1.0),
+            );
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| {
+                let (mut out, mut lse) = (vec![0.0; nq], vec![0.0; batch * s.q_heads * seq]);
+                reference::attention_forward(&mut out, &mut lse, q, k, v, &s, causal);
+                out.iter().zip(&dout).map(|(o, g)| o * g).sum::<f64>()
+            };
+            let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
+            reference::attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &s, causal);
+            let fd_q = finite_differences(|x| loss(x, &k, &v), &q, 1e-6);
+            let fd_k = finite_differences(|x| loss(&q, x, &v), &k, 1e-6);
+            let fd_v = finite_differences(|x| loss(&q, &k, x), &v, 1e-6);
+            for (name, got, fd, n) in [("dq", &dq, &fd_q, nq), ("dk", &dk, &fd_k, nk), ("dv", &dv, &fd_v, nk)]
+            {
+                check_close(
+                    &format!("reference {name} vs finite differences"),
+                    got,
+                    fd,
+                    &[n],
+                    FINITE_DIFFERENCE_TOL,
+                )
+                .map_err(TestCaseError::fail)?;
+            }
+            Ok(())
+        },
+    );
+}
