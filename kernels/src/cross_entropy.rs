@@ -14,7 +14,7 @@
 //! a fixed order: the loss is bit-identical run to run.
 
 use cubecl::prelude::*;
-use dsl::launch::{RowLayout, cube_units};
+use dsl::launch::cube_units;
 use dsl::{
     CubeReduce, Device, Error, FloatElement, GpuTensor, Result, cube_max_sumexp, cube_sum,
     online_softmax_update,
@@ -83,15 +83,17 @@ pub struct CrossEntropyConfig {
 }
 
 impl CrossEntropyConfig {
-    pub fn select<R: Runtime, F: FloatElement>(
-        device: &Device<R>,
-        vocab: usize,
-        write_grad: bool,
-    ) -> Result<Self> {
+    pub fn select<R: Runtime, F: FloatElement>(device: &Device<R>, vocab: usize, write_grad: bool) -> Self {
         let vector_size = device.vector_size::<F>(vocab);
-        // The row is streamed (not held in registers): take the widest cube the layout allows.
-        let layout = RowLayout::for_row(device, "cross_entropy", (vocab / vector_size).min(1 << 15))?;
-        Ok(Self { units: layout.units, vector_size, use_plane: device.info().plane_ops, write_grad })
+        // The row is streamed, not held in registers: about 4 vectors per unit per pass, in a
+        // cube of 32 to 1024 units.
+        let wanted = (vocab / vector_size).div_ceil(4).next_power_of_two().clamp(32, 1024) as u32;
+        Self {
+            units: cube_units(device, wanted),
+            vector_size,
+            use_plane: device.info().plane_ops,
+            write_grad,
+        }
     }
 
     fn reduce(&self) -> CubeReduce {
@@ -269,7 +271,7 @@ pub fn cross_entropy_forward_backward<R: Runtime, F: FloatElement>(
     device.check_dtype::<F>(OP)?;
     let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
     Error::check_shape(OP, "dlogits", dlogits.shape(), logits.shape())?;
-    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), true)?;
+    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), true);
     launch(device, loss, dlogits, row_loss, logits, targets, (rows, vocab), cfg)
 }
 
@@ -284,7 +286,7 @@ pub fn cross_entropy_forward<R: Runtime, F: FloatElement>(
     const OP: &str = "cross_entropy_forward";
     device.check_dtype::<F>(OP)?;
     let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
-    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), false)?;
+    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), false);
     // The kernel never writes dlogits here; it still needs a binding of the right type.
     let unused = GpuTensor::<R, F>::uninit(device, &[cfg.vector_size])?;
     launch(device, loss, &unused, row_loss, logits, targets, (rows, vocab), cfg)
