@@ -74,6 +74,51 @@ impl AttentionConfig {
     }
 }
 
+/// Loads keys `j0 .. j0 + block_kv` of one key/value head into the two tiles (f32, zero past
+/// `kv_len`), all units of the cube together (`units` of them). Ends with a barrier.
+#[cube]
+fn load_kv_tile<F: Float, N: Size>(
+    k_tile: &mut SharedMemory<Vector<f32, N>>,
+    v_tile: &mut SharedMemory<Vector<f32, N>>,
+    k: &Array<Vector<F, N>>,
+    v: &Array<Vector<F, N>>,
+    j0: usize,
+    kv_len: u32,
+    kv_capacity: u32,
+    kv_heads: u32,
+    b: usize,
+    kvh: usize,
+    units: usize,
+    #[comptime] block_kv: usize,
+    #[comptime] hdv: usize,
+) {
+    let mut e = UNIT_POS as usize;
+    while e < block_kv * hdv {
+        let j = j0 + e / hdv;
+        let mut kt = Vector::<f32, N>::new(f32::new(0.0));
+        let mut vt = Vector::<f32, N>::new(f32::new(0.0));
+        if j < kv_len as usize {
+            let at = ((b * kv_capacity as usize + j) * kv_heads as usize + kvh) * hdv + e % hdv;
+            kt = Vector::<f32, N>::cast_from(k[at]);
+            vt = Vector::<f32, N>::cast_from(v[at]);
+        }
+        k_tile[e] = kt;
+        v_tile[e] = vt;
+        e += units;
+    }
+    sync_cube();
+}
+
+/// Whether the query at position `q_pos` sees key `j` (of `kv_len` filled).
+#[cube]
+fn sees(q_pos: usize, j: usize, kv_len: u32, #[comptime] causal: bool) -> bool {
+    let mut visible = j < kv_len as usize;
+    if comptime!(causal) {
+        visible = visible && j <= q_pos;
+    }
+    visible
+}
+
 #[cube(launch_unchecked)]
 fn attention_forward_kernel<F: Float, N: Size>(
     out: &mut Array<Vector<F, N>>,
@@ -135,21 +180,21 @@ fn attention_forward_kernel<F: Float, N: Size>(
     let mut j0 = 0usize;
     while j0 < kv_end {
         // All units load the tile together, zero past the filled keys.
-        let mut e = tid;
-        while e < bc * hdv {
-            let j = j0 + e / hdv;
-            let mut kt = Vector::<f32, N>::new(f32::new(0.0));
-            let mut vt = Vector::<f32, N>::new(f32::new(0.0));
-            if j < kv_len as usize {
-                let at = ((b * kv_capacity as usize + j) * kv_heads as usize + kvh) * hdv + e % hdv;
-                kt = Vector::<f32, N>::cast_from(k[at]);
-                vt = Vector::<f32, N>::cast_from(v[at]);
-            }
-            k_tile[e] = kt;
-            v_tile[e] = vt;
-            e += br;
-        }
-        sync_cube();
+        load_kv_tile::<F, N>(
+            &mut k_tile,
+            &mut v_tile,
+            k,
+            v,
+            j0,
+            kv_len,
+            kv_capacity,
+            kv_heads,
+            b,
+            kvh,
+            br,
+            bc,
+            hdv,
+        );
 
         let mut tile_max = f32::min_value();
         for jj in 0..bc {
@@ -160,10 +205,7 @@ fn attention_forward_kernel<F: Float, N: Size>(
                 dot += q_row[d] * k_tile[jj * hdv + d];
             }
             let mut s = f32::cast_from(dot.vector_sum());
-            let mut visible = j < kv_len as usize;
-            if comptime!(cfg.causal) {
-                visible = visible && j <= q_pos;
-            }
+            let visible = sees(q_pos, j, kv_len, cfg.causal);
             s = select(visible, s, f32::min_value());
             scores[tid * bc + jj] = s;
             tile_max = f32::max(tile_max, s);
@@ -177,10 +219,7 @@ fn attention_forward_kernel<F: Float, N: Size>(
         }
         for jj in 0..bc {
             let j = j0 + jj;
-            let mut visible = j < kv_len as usize;
-            if comptime!(cfg.causal) {
-                visible = visible && j <= q_pos;
-            }
+            let visible = sees(q_pos, j, kv_len, cfg.causal);
             // Explicitly 0 when hidden: while every key so far is hidden, m_new is the
             // sentinel and exp(s − m_new) would be 1.
             let p = select(visible, f32::exp(scores[tid * bc + jj] - m_new), f32::new(0.0));
@@ -332,10 +371,7 @@ fn attention_dkdv_kernel<F: Float, N: Size>(
 
             for ii in 0..bq {
                 let i = i0 + ii;
-                let mut visible = key_valid && i < q_len as usize;
-                if comptime!(cfg.causal) {
-                    visible = visible && j <= position_offset as usize + i;
-                }
+                let visible = i < q_len as usize && sees(position_offset as usize + i, j, kv_len, cfg.causal);
                 let mut qk = Vector::<f32, N>::new(f32::new(0.0));
                 let mut dov = Vector::<f32, N>::new(f32::new(0.0));
                 #[unroll]
@@ -428,27 +464,24 @@ fn attention_dq_kernel<F: Float, N: Size>(
     let mut v_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
     let mut j0 = 0usize;
     while j0 < kv_end {
-        let mut e = tid;
-        while e < bc * hdv {
-            let j = j0 + e / hdv;
-            let mut kt = Vector::<f32, N>::new(f32::new(0.0));
-            let mut vt = Vector::<f32, N>::new(f32::new(0.0));
-            if j < kv_len as usize {
-                let at = ((b * kv_len as usize + j) * kv_heads as usize + kvh) * hdv + e % hdv;
-                kt = Vector::<f32, N>::cast_from(k[at]);
-                vt = Vector::<f32, N>::cast_from(v[at]);
-            }
-            k_tile[e] = kt;
-            v_tile[e] = vt;
-            e += br;
-        }
-        sync_cube();
+        load_kv_tile::<F, N>(
+            &mut k_tile,
+            &mut v_tile,
+            k,
+            v,
+            j0,
+            kv_len,
+            kv_len,
+            kv_heads,
+            b,
+            kvh,
+            br,
+            bc,
+            hdv,
+        );
         for jj in 0..bc {
             let j = j0 + jj;
-            let mut visible = row_valid && j < kv_len as usize;
-            if comptime!(cfg.causal) {
-                visible = visible && j <= q_pos;
-            }
+            let visible = row_valid && sees(q_pos, j, kv_len, cfg.causal);
             let mut qk = Vector::<f32, N>::new(f32::new(0.0));
             let mut dov = Vector::<f32, N>::new(f32::new(0.0));
             #[unroll]
