@@ -342,8 +342,9 @@ fn loop_iteration_cap<R: BackendRuntime>(client: &ComputeClient<R>) -> Option<u3
         PROBE,
     );
     let reached = client.read_one(out).ok().map(|bytes| u32::from_bytes(&bytes)[0]);
+    // 0 means the probe did not run at all (a broken device): no cap is known then.
     let cap = match reached {
-        Some(n) if n < PROBE => Some(n),
+        Some(n) if n > 0 && n < PROBE => Some(n),
         _ => None,
     };
     caps.push((R::BACKEND, cap));
