@@ -119,6 +119,24 @@ fn sees(q_pos: usize, j: usize, kv_len: u32, #[comptime] causal: bool) -> bool {
     visible
 }
 
+/// Keys a cube of `block_q` query rows (block `CUBE_POS_X`) must visit: all filled ones, or
+/// (causal) those up to its last query's position.
+#[cube]
+fn keys_needed(
+    q_len: u32,
+    kv_len: u32,
+    position_offset: u32,
+    block_q: usize,
+    #[comptime] causal: bool,
+) -> usize {
+    let mut kv_end = kv_len as usize;
+    if comptime!(causal) {
+        let last_q = min((CUBE_POS_X as usize + 1) * block_q, q_len as usize);
+        kv_end = min(kv_end, position_offset as usize + last_q);
+    }
+    kv_end
+}
+
 #[cube(launch_unchecked)]
 fn attention_forward_kernel<F: Float, N: Size>(
     out: &mut Array<Vector<F, N>>,
@@ -157,18 +175,13 @@ fn attention_forward_kernel<F: Float, N: Size>(
         acc[d] = Vector::new(f32::new(0.0));
     }
     if row_valid {
-        #[unroll]
         for d in 0..hdv {
             q_row[d] = Vector::<f32, N>::cast_from(q[q_base + d]) * Vector::new(scale);
         }
     }
 
     // Keys this cube needs: all, or (causal) up to its last query's position.
-    let last_q = min((CUBE_POS_X as usize + 1) * br, q_len as usize);
-    let mut kv_end = kv_len as usize;
-    if comptime!(cfg.causal) {
-        kv_end = min(kv_end, position_offset as usize + last_q);
-    }
+    let kv_end = keys_needed(q_len, kv_len, position_offset, br, cfg.causal);
 
     let mut k_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
     let mut v_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
@@ -455,11 +468,7 @@ fn attention_dq_kernel<F: Float, N: Size>(
         delta_i = delta[stat];
     }
 
-    let last_q = min((CUBE_POS_X as usize + 1) * br, q_len as usize);
-    let mut kv_end = kv_len as usize;
-    if comptime!(cfg.causal) {
-        kv_end = min(kv_end, position_offset as usize + last_q);
-    }
+    let kv_end = keys_needed(q_len, kv_len, position_offset, br, cfg.causal);
     let mut k_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
     let mut v_tile = SharedMemory::<Vector<f32, N>>::new(bc * hdv);
     let mut j0 = 0usize;
