@@ -175,6 +175,7 @@ fn attention_forward_kernel<F: Float, N: Size>(
         acc[d] = Vector::new(f32::new(0.0));
     }
     if row_valid {
+        #[unroll]
         for d in 0..hdv {
             q_row[d] = Vector::<f32, N>::cast_from(q[q_base + d]) * Vector::new(scale);
         }
