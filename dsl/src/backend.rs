@@ -125,7 +125,8 @@ pub struct DeviceInfo {
     /// CubeCL's name for the runtime and compiler, e.g. `wgpu<wgsl>` or `cuda`.
     pub runtime_name: &'static str,
     pub device: String,
-    /// Whether the device advertises plane (subgroup/warp) operations.
+    /// Whether the device advertises plane (subgroup/warp) operations. Reductions should ask
+    /// [`Self::plane_reduce`] instead.
     pub plane_ops: bool,
     pub plane_size_min: u32,
     pub plane_size_max: u32,
@@ -142,6 +143,15 @@ pub struct DeviceInfo {
     pub max_loop_iterations: Option<u32>,
     /// Device-thread panics already reported by this device (see [`Device::check`]).
     panics_reported: AtomicUsize,
+}
+
+impl DeviceInfo {
+    /// Whether a cube of `units` may reduce with plane ops: the device has them and the cube is
+    /// whole planes. On CUDA a plane op in a partial warp reads undefined lanes (a 1-unit cube
+    /// summed garbage).
+    pub fn plane_reduce(&self, units: u32) -> bool {
+        self.plane_ops && self.plane_size_max > 0 && units.is_multiple_of(self.plane_size_max)
+    }
 }
 
 impl fmt::Display for DeviceInfo {

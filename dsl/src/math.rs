@@ -6,7 +6,10 @@ use cubecl::prelude::*;
 #[cube]
 pub fn sigmoid<N: Size>(x: Vector<f32, N>) -> Vector<f32, N> {
     let one = Vector::<f32, N>::new(f32::new(1.0));
-    one / (one + Vector::exp(-x))
+    // `zero - x`, not `-x`: CubeCL's CUDA backend emits unary minus on its vector structs,
+    // which NVRTC rejects ("no operator - matches these operands").
+    let zero = Vector::<f32, N>::new(f32::new(0.0));
+    one / (one + Vector::exp(zero - x))
 }
 
 /// `x · sigmoid(x)` (SiLU, a.k.a. swish).

@@ -23,6 +23,7 @@ pub enum ReduceOp {
 pub struct CubeReduce {
     /// Units in the cube (`CubeDim.x`, the cube is 1-D). A power of two.
     pub units: u32,
+    /// Only where the cube is whole planes: see [`crate::DeviceInfo::plane_reduce`].
     pub use_plane: bool,
 }
 

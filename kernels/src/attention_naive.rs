@@ -316,7 +316,7 @@ pub fn naive_attention_forward<R: Runtime, F: FloatElement>(
             scratch.probs.as_array_arg(),
             (d.batch * d.q_heads * d.seq) as u32,
             d.seq as u32,
-            CubeReduce::new(units, device.info().plane_ops),
+            CubeReduce::new(units, device.info().plane_reduce(units)),
         );
         let (cc, cd) = elementwise_grid(device, out_count);
         probs_times_v_kernel::launch_unchecked::<F, R>(

@@ -88,12 +88,8 @@ impl CrossEntropyConfig {
         // The row is streamed, not held in registers: about 4 vectors per unit per pass, in a
         // cube of 32 to 1024 units.
         let wanted = (vocab / vector_size).div_ceil(4).next_power_of_two().clamp(32, 1024) as u32;
-        Self {
-            units: cube_units(device, wanted),
-            vector_size,
-            use_plane: device.info().plane_ops,
-            write_grad,
-        }
+        let units = cube_units(device, wanted);
+        Self { units, vector_size, use_plane: device.info().plane_reduce(units), write_grad }
     }
 
     fn reduce(&self) -> CubeReduce {
@@ -251,7 +247,7 @@ fn launch<R: Runtime, F: FloatElement>(
             row_loss.as_array_arg(),
             rows as u32,
             scale,
-            CubeReduce::new(units, device.info().plane_ops),
+            CubeReduce::new(units, device.info().plane_reduce(units)),
         );
     }
     Ok(())

@@ -101,7 +101,7 @@ pub fn grad_norm<R: Runtime, F: FloatElement>(
         });
     }
     let units = cube_units(device, UNITS);
-    let cfg = CubeReduce::new(units, device.info().plane_ops);
+    let cfg = CubeReduce::new(units, device.info().plane_reduce(units));
     let mut slot = 0usize;
     for grad in grads {
         let n = grad.numel();

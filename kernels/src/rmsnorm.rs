@@ -36,11 +36,8 @@ impl RmsNormConfig {
     /// The configuration the launchers use on `device` for rows of `cols` elements of `F`.
     pub fn select<R: Runtime, F: FloatElement>(device: &Device<R>, cols: usize) -> Result<Self> {
         let vector_size = device.vector_size::<F>(cols);
-        Ok(Self {
-            layout: RowLayout::for_row(device, "rmsnorm", cols / vector_size)?,
-            vector_size,
-            use_plane: device.info().plane_ops,
-        })
+        let layout = RowLayout::for_row(device, "rmsnorm", cols / vector_size)?;
+        Ok(Self { layout, vector_size, use_plane: device.info().plane_reduce(layout.units) })
     }
 
     fn reduce(&self) -> CubeReduce {

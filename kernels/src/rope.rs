@@ -82,16 +82,20 @@ fn rope_kernel<F: Float, N: Size>(
         let t = (row / heads as usize) % seq_len as usize;
         let table = (position_offset as usize + t) * half_vectors as usize + j;
         let c = cos[table];
-        let mut s = sin[table];
-        if comptime!(inverse) {
-            s = -s;
-        }
+        let s = sin[table];
         let first = row * 2 * half_vectors as usize + j;
         let second = first + half_vectors as usize;
         let x1 = Vector::<f32, N>::cast_from(x[first]);
         let x2 = Vector::<f32, N>::cast_from(x[second]);
-        out[first] = Vector::cast_from(x1 * c - x2 * s);
-        out[second] = Vector::cast_from(x2 * c + x1 * s);
+        // The inverse rotation flips the sign of sin, written out rather than as `-s` (CUDA's
+        // generated code has no unary minus for vectors).
+        if comptime!(inverse) {
+            out[first] = Vector::cast_from(x1 * c + x2 * s);
+            out[second] = Vector::cast_from(x2 * c - x1 * s);
+        } else {
+            out[first] = Vector::cast_from(x1 * c - x2 * s);
+            out[second] = Vector::cast_from(x2 * c + x1 * s);
+        }
         p += CUBE_COUNT * CUBE_DIM as usize;
     }
 }

@@ -49,6 +49,9 @@ fn check<R: BackendRuntime>(
     let xt = GpuTensor::<R, f32>::from_f64(dev, &x, &[rows, cols]).map_err(fail)?;
     let sums = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
     let maxima = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
+    // Plane ops need whole planes (lavapipe's are 8 wide, CUDA's 32); the tree variant runs
+    // at every width.
+    let use_plane = use_plane && units.is_multiple_of(dev.info().plane_size_max.max(1));
     let cfg = CubeReduce::new(units, use_plane);
     // lavapipe silently ends an invocation's loops after 65535 iterations in all: keep the
     // work of one unit (rows per cube × columns per unit) well below that.

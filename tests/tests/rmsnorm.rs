@@ -56,13 +56,21 @@ fn inputs<F: TestFloat>(case: &Case) -> Inputs {
 /// the narrowest cube (32 units, many register slots) where it covers the row.
 fn variants<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, cols: usize) -> Vec<RmsNormConfig> {
     let selected = RmsNormConfig::select::<R, F>(dev, cols).expect("config for a supported width");
-    let mut out =
-        vec![RmsNormConfig { use_plane: false, ..selected }, RmsNormConfig { use_plane: true, ..selected }];
+    // The plane variant runs wherever the cube is whole planes (lavapipe: 8 wide, not advertised).
+    let plane_ok = selected.layout.units.is_multiple_of(dev.info().plane_size_max.max(1));
+    let mut out = vec![
+        RmsNormConfig { use_plane: false, ..selected },
+        RmsNormConfig { use_plane: plane_ok, ..selected },
+    ];
     let row_vectors = cols / selected.vector_size;
     let slots = row_vectors.div_ceil(32).next_power_of_two() as u32;
     if slots <= dsl::launch::MAX_ROW_SLOTS && selected.layout.units != 32 {
         let layout = dsl::launch::RowLayout { units: 32, slots };
-        out.push(RmsNormConfig { layout, use_plane: slots.is_multiple_of(2), ..selected });
+        out.push(RmsNormConfig {
+            layout,
+            use_plane: slots.is_multiple_of(2) && 32u32.is_multiple_of(dev.info().plane_size_max.max(1)),
+            ..selected
+        });
     }
     out
 }
