@@ -7,6 +7,8 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;
+pub mod matmul;
+pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
 pub mod swiglu;

@@ -1,0 +1,160 @@
+//! The linear layer's three products (cubek-matmul behind `kernels::matmul`) against f64 loops
+//! at awkward shapes, including accumulation onto existing values.
+
+use dsl::{Backend, BackendRuntime, DType, Device, Error, GpuTensor};
+use kernels::matmul::{MatmulRoutine, linear_backward_input, linear_backward_weight, linear_forward};
+use kernels::reference::matmul as reference;
+use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
+use tests::*;
+
+/// `(rows, in, out, seed)`: the 37×53×29 and other odd or degenerate shapes, then random.
+fn shapes() -> impl Strategy<Value = (usize, usize, usize, u64)> {
+    let fixed = prop::sample::select(vec![
+        (37, 53, 29),
+        (1, 64, 33),
+        (200, 17, 130),
+        (64, 64, 64),
+        (3, 1, 5),
+        (1, 1, 1),
+        (129, 96, 7),
+    ]);
+    let dims = prop_oneof![fixed, (1usize..=150, 1usize..=150, 1usize..=150)];
+    (dims, any::<u64>()).prop_map(|((n, i, o), seed)| (n, i, o, seed))
+}
+
+/// Σ|terms| of each output of `y = a·b` (a `[m, k]`, b `[k, n]` given by an accessor), the
+/// magnitude the relative tolerance scales with.
+fn term_magnitudes(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: impl Fn(usize, usize) -> f64,
+    b: impl Fn(usize, usize) -> f64,
+) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            out[r * n + c] = (0..k).map(|j| (a(r, j) * b(j, c)).abs()).sum();
+        }
+    }
+    out
+}
+
+fn check<R: BackendRuntime, F: TestFloat>(
+    dev: &Device<R>,
+    (n, din, dout, seed): (usize, usize, usize, u64),
+) -> Result<(), TestCaseError> {
+    let mut rng = DataRng::new(seed);
+    let x = F::round_all(&rng.normals(n * din, 0.0, 1.0));
+    let w = F::round_all(&rng.normals(dout * din, 0.0, 1.0));
+    let dy = F::round_all(&rng.normals(n * dout, 0.0, 1.0));
+    let dx0 = F::round_all(&rng.normals(n * din, 0.0, 1.0));
+    let dw0 = F::round_all(&rng.normals(dout * din, 0.0, 1.0));
+    let tol = Tolerance::for_dtype(F::DTYPE);
+    let what = |t: &str| format!("{t} [{} n={n} in={din} out={dout}]", F::DTYPE);
+
+    let (xt, wt, dyt) = (
+        upload::<R, F>(dev, &x, &[n, din])?,
+        upload::<R, F>(dev, &w, &[dout, din])?,
+        upload::<R, F>(dev, &dy, &[n, dout])?,
+    );
+
+    // y = x·wᵀ
+    let mut want = vec![0.0; n * dout];
+    reference::linear_forward(&mut want, &x, &w, n, din, dout);
+    let magnitude = term_magnitudes(n, din, dout, |r, j| x[r * din + j], |j, c| w[c * din + j]);
+    let mut y = nan_tensor::<R, F>(dev, &[n, dout])?;
+    let routine = linear_forward(dev, &mut y, &xt, &wt).map_err(fail)?;
+    if dev.backend() == Backend::Wgpu {
+        prop_assert_eq!(routine, MatmulRoutine::Units);
+    }
+    check_close_scaled(&what("y"), &download(dev, &y)?, &want, &magnitude, &[n, dout], tol)
+        .map_err(TestCaseError::fail)?;
+
+    // dx = dy·w, then dx += dy·w onto other values.
+    let mut want = vec![0.0; n * din];
+    reference::linear_backward_input(&mut want, &dy, &w, false, n, din, dout);
+    let magnitude = term_magnitudes(n, dout, din, |r, j| dy[r * dout + j], |j, c| w[j * din + c]);
+    let mut dx = nan_tensor::<R, F>(dev, &[n, din])?;
+    linear_backward_input(dev, &mut dx, &dyt, &wt, false).map_err(fail)?;
+    check_close_scaled(&what("dx ="), &download(dev, &dx)?, &want, &magnitude, &[n, din], tol)
+        .map_err(TestCaseError::fail)?;
+    let mut want = dx0.clone();
+    reference::linear_backward_input(&mut want, &dy, &w, true, n, din, dout);
+    let with_start: Vec<f64> = magnitude.iter().zip(&dx0).map(|(m, s)| m + s.abs()).collect();
+    let mut dx = upload::<R, F>(dev, &dx0, &[n, din])?;
+    linear_backward_input(dev, &mut dx, &dyt, &wt, true).map_err(fail)?;
+    check_close_scaled(&what("dx +="), &download(dev, &dx)?, &want, &with_start, &[n, din], tol)
+        .map_err(TestCaseError::fail)?;
+
+    // dw += dyᵀ·x
+    let mut want = dw0.clone();
+    reference::linear_backward_weight(&mut want, &dy, &x, n, din, dout);
+    let magnitude = term_magnitudes(dout, n, din, |o, r| dy[r * dout + o], |r, c| x[r * din + c]);
+    let with_start: Vec<f64> = magnitude.iter().zip(&dw0).map(|(m, s)| m + s.abs()).collect();
+    let mut dw = upload::<R, F>(dev, &dw0, &[dout, din])?;
+    linear_backward_weight(dev, &mut dw, &dyt, &xt).map_err(fail)?;
+    check_close_scaled(&what("dw +="), &download(dev, &dw)?, &want, &with_start, &[dout, din], tol)
+        .map_err(TestCaseError::fail)?;
+    Ok(())
+}
+
+fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    // Each new shape compiles new kernels (the library specialises on vector widths): on
+    // lavapipe that dominates, so the case count stays small.
+    let cases = if F::DTYPE == DType::F32 { 10 } else { 6 };
+    run_property(&format!("linear {}", F::DTYPE), cases, shapes(), |case| check::<R, F>(dev, case));
+}
+
+test_each_dtype!(matches_reference => linear_f32_matches_reference, linear_f16_matches_reference, linear_bf16_matches_reference_or_is_refused);
+
+/// Leading dimensions are rows: `[B, T, in]` behaves as `[B·T, in]`.
+fn batched_rows<R: BackendRuntime>(dev: &Device<R>) {
+    let (b, t, din, dout) = (2, 5, 7, 3);
+    let mut rng = DataRng::new(7);
+    let x = rng.normals(b * t * din, 0.0, 1.0);
+    let w = rng.normals(dout * din, 0.0, 1.0);
+    let mut want = vec![0.0; b * t * dout];
+    reference::linear_forward(&mut want, &x, &w, b * t, din, dout);
+    let xt = GpuTensor::<R, f32>::from_f64(dev, &x, &[b, t, din]).unwrap();
+    let wt = GpuTensor::<R, f32>::from_f64(dev, &w, &[dout, din]).unwrap();
+    let mut y = GpuTensor::<R, f32>::full(dev, &[b, t, dout], f32::NAN).unwrap();
+    linear_forward(dev, &mut y, &xt, &wt).unwrap();
+    assert_close(
+        "y [B,T,out]",
+        &y.to_f64_vec(dev).unwrap(),
+        &want,
+        &[b, t, dout],
+        Tolerance { atol: 1e-5, rtol: 1e-5 },
+    );
+}
+
+#[test]
+fn linear_reads_leading_dimensions_as_rows() {
+    on_test_backend!(batched_rows);
+}
+
+fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
+    let x = GpuTensor::<R, f32>::zeros(dev, &[4, 8]).unwrap();
+    let w = GpuTensor::<R, f32>::zeros(dev, &[3, 9]).unwrap();
+    let mut y = GpuTensor::<R, f32>::zeros(dev, &[4, 3]).unwrap();
+    let err = linear_forward(dev, &mut y, &x, &w).unwrap_err();
+    assert_eq!(err.to_string(), "linear_forward: tensor `x` has shape [8], expected [9]");
+    let w = GpuTensor::<R, f32>::zeros(dev, &[3, 8]).unwrap();
+    let mut y = GpuTensor::<R, f32>::zeros(dev, &[4, 4]).unwrap();
+    let err = linear_forward(dev, &mut y, &x, &w).unwrap_err();
+    assert_eq!(err.to_string(), "linear_forward: tensor `y` has shape [4, 4], expected [4, 3]");
+    let flat = GpuTensor::<R, f32>::zeros(dev, &[24]).unwrap();
+    let err = linear_backward_weight(dev, &mut flat.clone(), &y, &x).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument { op: "linear_backward_weight", .. }), "{err}");
+    assert!(err.to_string().contains("weight must be [out, in]"), "{err}");
+}
+
+#[test]
+fn linear_rejects_mismatched_shapes() {
+    on_test_backend!(bad_input);
+}
