@@ -7,6 +7,7 @@
 
 pub mod compare;
 pub mod data;
+pub mod models;
 
 pub use compare::{Tolerance, assert_close, check_against_naive, check_close, check_close_scaled, normwise};
 pub use data::{DataRng, TestFloat};

@@ -1,0 +1,432 @@
+//! The Hugging Face `LlamaConfig` (the fields this model uses), its presets, and what a
+//! configuration costs: parameters, and memory for a training step.
+
+use crate::error::{ModelError, Result};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use std::fmt;
+use std::path::Path;
+
+/// Hyper-parameters of a Llama model, named as in Hugging Face's `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Width of one attention head; `hidden_size / num_attention_heads` unless a file says.
+    pub head_dim: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    /// `lm_head` shares `embed_tokens`' matrix (and gradient).
+    pub tie_word_embeddings: bool,
+}
+
+/// The named shapes: Llama 2's released sizes, a 34B shape, and llama2.c's small models.
+pub const PRESETS: [&str; 9] = [
+    "llama2-7b",
+    "llama2-13b",
+    "llama2-34b",
+    "llama2-70b",
+    "stories260k",
+    "stories15m",
+    "stories42m",
+    "stories110m",
+    "tiny",
+];
+
+/// `config.json` as files in the wild write it: optional fields, `rope_theta` at the top
+/// (transformers ≤ 4) or in `rope_parameters` (transformers 5), unknown keys ignored.
+#[derive(Deserialize)]
+struct RawConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rope_scaling: Option<Value>,
+    tie_word_embeddings: Option<bool>,
+    hidden_act: Option<String>,
+    model_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+    rope_type: Option<String>,
+}
+
+impl LlamaConfig {
+    /// A preset by name (see [`PRESETS`]).
+    pub fn preset(name: &str) -> Result<Self> {
+        let llama2 = |hidden, inter, layers, heads, kv_heads| {
+            Self::new(32_000, hidden, inter, layers, heads, kv_heads, 4096)
+        };
+        let stories = |vocab, hidden, inter, layers, heads, kv_heads, context| {
+            Self::new(vocab, hidden, inter, layers, heads, kv_heads, context)
+        };
+        Ok(match name {
+            "llama2-7b" => llama2(4096, 11008, 32, 32, 32),
+            "llama2-13b" => llama2(5120, 13824, 40, 40, 40),
+            // The 34B shape of the Llama 2 paper (never released; Code Llama 34B has it).
+            "llama2-34b" => llama2(8192, 22016, 48, 64, 8),
+            "llama2-70b" => llama2(8192, 28672, 80, 64, 8),
+            // llama2.c's TinyStories models. 260K has head_dim 8, below the attention
+            // kernels' smallest (16), so it uses 4 heads of 16 instead of 8 of 8.
+            "stories260k" => stories(512, 64, 172, 5, 4, 2, 512),
+            "stories15m" => stories(32_000, 288, 768, 6, 6, 6, 256),
+            "stories42m" => stories(32_000, 512, 1376, 8, 8, 8, 1024),
+            "stories110m" => stories(32_000, 768, 2048, 12, 12, 12, 1024),
+            // Small enough for a CPU-emulated GPU: the README's default training run.
+            "tiny" => stories(512, 128, 344, 4, 4, 2, 256),
+            other => {
+                return Err(ModelError::Config(format!(
+                    "unknown preset `{other}`; expected one of {}",
+                    PRESETS.join(", ")
+                )));
+            }
+        })
+    }
+
+    /// Llama 2 defaults (eps 1e-5, θ 10000, untied) for the given shape.
+    pub fn new(
+        vocab_size: usize,
+        hidden_size: usize,
+        intermediate_size: usize,
+        num_hidden_layers: usize,
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+        max_position_embeddings: usize,
+    ) -> Self {
+        Self {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim: hidden_size / num_attention_heads.max(1),
+            max_position_embeddings,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            tie_word_embeddings: false,
+        }
+    }
+
+    /// Parses `config.json` text; `origin` names the file in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("{origin}: not a Llama config.json: {e}")))?;
+        if let Some(kind) = raw.model_type.as_deref()
+            && kind != "llama"
+        {
+            return Err(ModelError::Config(format!("{origin}: model_type is `{kind}`, expected `llama`")));
+        }
+        if let Some(act) = raw.hidden_act.as_deref()
+            && act != "silu"
+        {
+            return Err(ModelError::Config(format!(
+                "{origin}: hidden_act is `{act}`; this model implements SwiGLU (`silu`) only"
+            )));
+        }
+        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
+        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null())
+            || rope_type.as_deref().is_some_and(|t| t != "default")
+        {
+            return Err(ModelError::Config(format!(
+                "{origin}: RoPE scaling ({}) is not supported; plain RoPE only",
+                rope_type.unwrap_or_else(|| "rope_scaling".into())
+            )));
+        }
+        let heads = raw.num_attention_heads;
+        let config = Self {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
+            head_dim: raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1)),
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_parameters.and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+        };
+        config.validate().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
+        Ok(config)
+    }
+
+    /// Reads `config.json` from a file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json(&text, &path.display().to_string())
+    }
+
+    /// `config.json` as transformers writes it for `LlamaForCausalLM` (θ both at the top, for
+    /// older readers, and in `rope_parameters`, for transformers 5).
+    pub fn to_json(&self, dtype: &str) -> String {
+        let mut map = Map::new();
+        let fields = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": { "rope_theta": self.rope_theta, "rope_type": "default" },
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "mlp_bias": false,
+            "torch_dtype": dtype,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        });
+        if let Value::Object(fields) = fields {
+            map.extend(fields);
+        }
+        serde_json::to_string_pretty(&Value::Object(map)).expect("a JSON object serialises")
+    }
+
+    /// Checks what the kernels need: positive sizes, whole head groups, a supported head_dim.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return Err(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_attention_heads, self.num_key_value_heads
+            ));
+        }
+        if !kernels::attention::SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(format!(
+                "head_dim {} is not supported by the attention kernels (supported: {:?})",
+                self.head_dim,
+                kernels::attention::SUPPORTED_HEAD_DIMS
+            ));
+        }
+        if self.vocab_size > i32::MAX as usize {
+            return Err(format!("vocab_size {} does not fit token ids", self.vocab_size));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
+            return Err("rms_norm_eps and rope_theta must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.num_key_value_heads * self.head_dim
+    }
+
+    /// Every parameter tensor with its Hugging Face name and shape, in checkpoint order.
+    pub fn parameters(&self) -> Vec<ParamSpec> {
+        let (c, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let mut specs = vec![ParamSpec::new("model.embed_tokens.weight".into(), vec![v, c])];
+        for l in 0..self.num_hidden_layers {
+            for w in LayerWeight::ALL {
+                let shape = match w {
+                    LayerWeight::InputNorm | LayerWeight::PostAttentionNorm => vec![c],
+                    LayerWeight::Q => vec![self.q_dim(), c],
+                    LayerWeight::K | LayerWeight::V => vec![self.kv_dim(), c],
+                    LayerWeight::O => vec![c, self.q_dim()],
+                    LayerWeight::Gate | LayerWeight::Up => vec![i, c],
+                    LayerWeight::Down => vec![c, i],
+                };
+                specs.push(ParamSpec::new(format!("model.layers.{l}.{}", w.suffix()), shape));
+            }
+        }
+        specs.push(ParamSpec::new("model.norm.weight".into(), vec![c]));
+        if !self.tie_word_embeddings {
+            specs.push(ParamSpec::new("lm_head.weight".into(), vec![v, c]));
+        }
+        specs
+    }
+
+    /// Number of parameters (a tied lm_head counted once).
+    pub fn parameter_count(&self) -> usize {
+        self.parameters().iter().map(|p| p.numel()).sum()
+    }
+
+    /// Bytes a training step at `batch × seq` holds on the device with parameters of
+    /// `param_bytes` each: parameters, gradients, AdamW's two f32 moments, and the saved
+    /// activations and scratch of [`crate::Activations`].
+    pub fn training_memory(&self, batch: usize, seq: usize, param_bytes: usize) -> MemoryEstimate {
+        let params = self.parameter_count();
+        MemoryEstimate {
+            parameters: params * param_bytes,
+            gradients: params * param_bytes,
+            optimizer: params * 8,
+            activations: crate::activations::activation_bytes(self, batch, seq, param_bytes),
+        }
+    }
+}
+
+/// The nine tensors of one decoder layer, in checkpoint order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerWeight {
+    InputNorm,
+    Q,
+    K,
+    V,
+    O,
+    PostAttentionNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LayerWeight {
+    pub const ALL: [LayerWeight; 9] = [
+        Self::InputNorm,
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::PostAttentionNorm,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    /// The name after `model.layers.{i}.`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::InputNorm => "input_layernorm.weight",
+            Self::Q => "self_attn.q_proj.weight",
+            Self::K => "self_attn.k_proj.weight",
+            Self::V => "self_attn.v_proj.weight",
+            Self::O => "self_attn.o_proj.weight",
+            Self::PostAttentionNorm => "post_attention_layernorm.weight",
+            Self::Gate => "mlp.gate_proj.weight",
+            Self::Up => "mlp.up_proj.weight",
+            Self::Down => "mlp.down_proj.weight",
+        }
+    }
+
+    pub fn is_norm(self) -> bool {
+        matches!(self, Self::InputNorm | Self::PostAttentionNorm)
+    }
+}
+
+/// One parameter tensor's name and shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+impl ParamSpec {
+    fn new(name: String, shape: Vec<usize>) -> Self {
+        Self { name, shape }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Device memory of a training step, by purpose.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryEstimate {
+    pub parameters: usize,
+    pub gradients: usize,
+    pub optimizer: usize,
+    pub activations: usize,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> usize {
+        self.parameters + self.gradients + self.optimizer + self.activations
+    }
+}
+
+/// `1.23 GiB`-style sizes.
+pub fn human_bytes(bytes: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < units.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.2} {}", units[unit]) }
+}
+
+/// `6.74B`-style counts.
+pub fn human_count(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.2}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+impl fmt::Display for LlamaConfig {
+    /// The shape, the parameter count, and the memory of a training step at batch 1 × the full
+    /// context in f32 and in bf16.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "Llama: {} layers, hidden {}, MLP {}, {} heads ({} key/value, head_dim {}), vocab {}, \
+             context {}, eps {:e}, rope θ {}{}",
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+            self.vocab_size,
+            self.max_position_embeddings,
+            self.rms_norm_eps,
+            self.rope_theta,
+            if self.tie_word_embeddings { ", tied embeddings" } else { "" },
+        )?;
+        writeln!(f, "parameters: {} ({})", human_count(self.parameter_count()), self.parameter_count())?;
+        for (dtype, bytes) in [("f32", 4), ("bf16", 2)] {
+            let m = self.training_memory(1, self.max_position_embeddings, bytes);
+            writeln!(
+                f,
+                "training step, batch 1 × {} tokens, {dtype}: {} (parameters {}, gradients {}, AdamW {}, \
+                 activations {})",
+                self.max_position_embeddings,
+                human_bytes(m.total()),
+                human_bytes(m.parameters),
+                human_bytes(m.gradients),
+                human_bytes(m.optimizer),
+                human_bytes(m.activations),
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Fresh parameters as Llama 2 starts training: every matrix N(0, 0.02²) (Hugging Face's
+//! `initializer_range`), every RMSNorm weight 1. Seeded and computed on the host, so a seed
+//! gives the same model on every backend.
+
+use crate::config::LlamaConfig;
+
+/// Hugging Face's default `initializer_range`.
+pub const INIT_STD: f64 = 0.02;
+
+/// SplitMix64 + Box–Muller: small, portable, reproducible.
+struct Normals {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl Normals {
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let (r, angle) = ((-2.0 * self.uniform().ln()).sqrt(), std::f64::consts::TAU * self.uniform());
+        self.spare = Some(r * angle.sin());
+        r * angle.cos()
+    }
+}
+
+/// Parameters in [`LlamaConfig::parameters`] order.
+pub fn initial_params(config: &LlamaConfig, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = Normals { state: seed ^ 0x5EED_11A2, spare: None };
+    config
+        .parameters()
+        .iter()
+        .map(|spec| {
+            if spec.shape.len() == 1 {
+                vec![1.0; spec.numel()]
+            } else {
+                (0..spec.numel()).map(|_| (INIT_STD * rng.next()) as f32).collect()
+            }
+        })
+        .collect()
+}

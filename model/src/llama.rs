@@ -1,0 +1,314 @@
+//! The Llama forward and backward: kernel calls in order, nothing numerical of its own.
+//!
+//! Forward: embedding → per layer [RMSNorm → q, k, v projections → RoPE on q, k → causal GQA
+//! attention → o projection → residual add → RMSNorm → gate, up projections → SwiGLU → down
+//! projection → residual add] → RMSNorm → lm_head → cross-entropy. The backward walks it in
+//! reverse and adds every parameter's gradient into a [`Params`] of gradients (`+=`, so
+//! micro-batches accumulate; zero it first for a fresh step).
+
+use crate::activations::Activations;
+use crate::config::{LayerWeight, LlamaConfig};
+use crate::error::{ModelError, Result};
+use crate::params::Params;
+use cubecl::Runtime;
+use dsl::{Device, FloatElement, GpuTensor};
+use kernels::attention::{attention_backward, attention_forward};
+use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
+use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
+use kernels::matmul::{linear_backward_input, linear_backward_weight, linear_forward};
+use kernels::residual::residual_add;
+use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use kernels::rope::{RopeTable, rope_backward, rope_forward};
+use kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+/// A Llama model on one device: its configuration, parameters and RoPE table.
+pub struct Llama<R: Runtime, F: FloatElement> {
+    pub config: LlamaConfig,
+    pub params: Params<R, F>,
+    rope: RopeTable<R>,
+}
+
+/// A view of `t` with its last two dimensions merged (`[B, T, H, hd]` → `[B, T, H·hd]`), the
+/// shape the projections read and write.
+fn heads_merged<R: Runtime, F: FloatElement>(t: &GpuTensor<R, F>) -> Result<GpuTensor<R, F>> {
+    let s = t.shape();
+    Ok(t.reshape(&[s[0], s[1], s[2] * s[3]])?)
+}
+
+impl<R: Runtime, F: FloatElement> Llama<R, F> {
+    /// Wraps parameters for `config` (their shapes checked) and builds the RoPE table.
+    pub fn new(device: &Device<R>, config: LlamaConfig, params: Params<R, F>) -> Result<Self> {
+        config.validate().map_err(ModelError::Config)?;
+        let expected = config.parameters();
+        if params.specs() != expected.as_slice() {
+            return Err(ModelError::Input {
+                op: "Llama::new",
+                message: "parameters were built for a different configuration".into(),
+            });
+        }
+        let rope =
+            RopeTable::new(device, config.head_dim, config.max_position_embeddings, config.rope_theta)?;
+        Ok(Self { config, params, rope })
+    }
+
+    /// Uploads token ids `[batch, seq]`, checking each against the vocabulary.
+    pub fn token_ids(
+        &self,
+        device: &Device<R>,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<TokenIds<R>> {
+        Ok(TokenIds::upload(device, ids, &[batch, seq], self.config.vocab_size)?)
+    }
+
+    /// Uploads next-token targets (`-100` to skip a position), checking each against the
+    /// vocabulary.
+    pub fn targets(&self, device: &Device<R>, targets: &[i32]) -> Result<Targets<R>> {
+        Ok(Targets::upload(device, targets, self.config.vocab_size)?)
+    }
+
+    fn check_batch(&self, acts: &Activations<R, F>, ids: &TokenIds<R>) -> Result<()> {
+        if ids.shape() != [acts.batch, acts.seq] {
+            return Err(ModelError::Input {
+                op: "Llama::forward",
+                message: format!(
+                    "token ids have shape {:?}, the activations were allocated for [{}, {}]",
+                    ids.shape(),
+                    acts.batch,
+                    acts.seq
+                ),
+            });
+        }
+        if acts.layers.len() != self.config.num_hidden_layers
+            || acts.stream[0].last_dim() != self.config.hidden_size
+            || acts.logits.last_dim() != self.config.vocab_size
+        {
+            return Err(ModelError::Input {
+                op: "Llama::forward",
+                message: "the activations were allocated for a different configuration".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the network on `ids` up to the logits (`acts.logits`, `[B·T, V]`), saving what
+    /// the backward needs.
+    pub fn forward(&self, device: &Device<R>, acts: &mut Activations<R, F>, ids: &TokenIds<R>) -> Result<()> {
+        self.check_batch(acts, ids)?;
+        let p = &self.params;
+        let eps = self.config.rms_norm_eps as f32;
+        embedding_forward(device, &mut acts.stream[0], ids, p.embed())?;
+        for l in 0..self.config.num_hidden_layers {
+            let (before, after) = acts.stream.split_at_mut(l + 1);
+            let (x, out) = (&before[l], &mut after[0]);
+            let a = &mut acts.layers[l];
+            rmsnorm_forward(
+                device,
+                &mut a.normed_attn,
+                &mut a.rstd_attn,
+                x,
+                p.layer(l, LayerWeight::InputNorm),
+                eps,
+            )?;
+            linear_forward(
+                device,
+                &mut heads_merged(&acts.q_proj)?,
+                &a.normed_attn,
+                p.layer(l, LayerWeight::Q),
+            )?;
+            linear_forward(
+                device,
+                &mut heads_merged(&acts.k_proj)?,
+                &a.normed_attn,
+                p.layer(l, LayerWeight::K),
+            )?;
+            linear_forward(device, &mut heads_merged(&a.v)?, &a.normed_attn, p.layer(l, LayerWeight::V))?;
+            rope_forward(device, &mut a.q_rot, &acts.q_proj, &self.rope, 0)?;
+            rope_forward(device, &mut a.k_rot, &acts.k_proj, &self.rope, 0)?;
+            attention_forward(device, &mut a.attn, &mut a.lse, &a.q_rot, &a.k_rot, &a.v, true)?;
+            // mid = x + o_proj(attn), computed as o_proj(attn) += x (the same f32 sum).
+            linear_forward(device, &mut a.mid, &heads_merged(&a.attn)?, p.layer(l, LayerWeight::O))?;
+            residual_add(device, &mut a.mid, x)?;
+            rmsnorm_forward(
+                device,
+                &mut a.normed_mlp,
+                &mut a.rstd_mlp,
+                &a.mid,
+                p.layer(l, LayerWeight::PostAttentionNorm),
+                eps,
+            )?;
+            linear_forward(device, &mut a.gate, &a.normed_mlp, p.layer(l, LayerWeight::Gate))?;
+            linear_forward(device, &mut a.up, &a.normed_mlp, p.layer(l, LayerWeight::Up))?;
+            swiglu_forward(device, &mut a.act, &a.gate, &a.up)?;
+            linear_forward(device, out, &a.act, p.layer(l, LayerWeight::Down))?;
+            residual_add(device, out, &a.mid)?;
+        }
+        let last = &acts.stream[self.config.num_hidden_layers];
+        rmsnorm_forward(device, &mut acts.normed_final, &mut acts.rstd_final, last, p.norm(), eps)?;
+        let logits_in = acts.normed_final.reshape(&[acts.tokens(), self.config.hidden_size])?;
+        linear_forward(device, &mut acts.logits, &logits_in, p.lm_head())?;
+        Ok(())
+    }
+
+    /// The mean cross-entropy of the logits against `targets` into `acts.loss` (and each
+    /// position's into `acts.row_loss`); with `with_grad`, also its gradient for
+    /// [`Self::backward`].
+    pub fn loss(
+        &self,
+        device: &Device<R>,
+        acts: &mut Activations<R, F>,
+        targets: &Targets<R>,
+        with_grad: bool,
+    ) -> Result<()> {
+        if targets.len() != acts.tokens() {
+            return Err(ModelError::Input {
+                op: "Llama::loss",
+                message: format!("{} targets for {} positions", targets.len(), acts.tokens()),
+            });
+        }
+        if with_grad {
+            cross_entropy_forward_backward(
+                device,
+                &mut acts.loss,
+                &mut acts.dlogits,
+                &mut acts.row_loss,
+                &acts.logits,
+                targets,
+            )?;
+        } else {
+            cross_entropy_forward(device, &mut acts.loss, &mut acts.row_loss, &acts.logits, targets)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the gradient of the loss of the last [`Self::loss`] (with `with_grad`) into
+    /// `grads`. `ids` must be those of the forward.
+    pub fn backward(
+        &self,
+        device: &Device<R>,
+        acts: &mut Activations<R, F>,
+        ids: &TokenIds<R>,
+        grads: &mut Params<R, F>,
+    ) -> Result<()> {
+        self.check_batch(acts, ids)?;
+        let p = &self.params;
+        let c = self.config.hidden_size;
+        let n = acts.tokens();
+        let layers = self.config.num_hidden_layers;
+
+        // Head: logits = norm(stream[L])·lm_headᵀ.
+        let normed_final = acts.normed_final.reshape(&[n, c])?;
+        let mut d_normed = acts.d_normed.reshape(&[n, c])?;
+        linear_backward_input(device, &mut d_normed, &acts.dlogits, p.lm_head(), false)?;
+        linear_backward_weight(device, grads.lm_head_mut(), &acts.dlogits, &normed_final)?;
+        rmsnorm_backward(
+            device,
+            &mut acts.d_stream,
+            grads.norm_mut(),
+            &mut acts.norm_scratch,
+            &acts.d_normed,
+            &acts.stream[layers],
+            p.norm(),
+            &acts.rstd_final,
+        )?;
+
+        for l in (0..layers).rev() {
+            let a = &acts.layers[l];
+            let x = &acts.stream[l];
+            // MLP: stream[l+1] = mid + down(swiglu(gate(n2), up(n2))), n2 = norm(mid).
+            linear_backward_input(
+                device,
+                &mut acts.d_act,
+                &acts.d_stream,
+                p.layer(l, LayerWeight::Down),
+                false,
+            )?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::Down), &acts.d_stream, &a.act)?;
+            swiglu_backward(device, &mut acts.d_gate, &mut acts.d_up, &acts.d_act, &a.gate, &a.up)?;
+            linear_backward_input(
+                device,
+                &mut acts.d_normed,
+                &acts.d_gate,
+                p.layer(l, LayerWeight::Gate),
+                false,
+            )?;
+            linear_backward_input(device, &mut acts.d_normed, &acts.d_up, p.layer(l, LayerWeight::Up), true)?;
+            linear_backward_weight(
+                device,
+                grads.layer_mut(l, LayerWeight::Gate),
+                &acts.d_gate,
+                &a.normed_mlp,
+            )?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::Up), &acts.d_up, &a.normed_mlp)?;
+            rmsnorm_backward(
+                device,
+                &mut acts.d_branch,
+                grads.layer_mut(l, LayerWeight::PostAttentionNorm),
+                &mut acts.norm_scratch,
+                &acts.d_normed,
+                &a.mid,
+                p.layer(l, LayerWeight::PostAttentionNorm),
+                &a.rstd_mlp,
+            )?;
+            residual_add(device, &mut acts.d_stream, &acts.d_branch)?;
+
+            // Attention: mid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x).
+            let attn = heads_merged(&a.attn)?;
+            linear_backward_input(
+                device,
+                &mut heads_merged(&acts.d_attn)?,
+                &acts.d_stream,
+                p.layer(l, LayerWeight::O),
+                false,
+            )?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::O), &acts.d_stream, &attn)?;
+            attention_backward(
+                device,
+                &mut acts.d_q_rot,
+                &mut acts.d_k_rot,
+                &mut acts.d_v,
+                &mut acts.delta,
+                &acts.d_attn,
+                &a.q_rot,
+                &a.k_rot,
+                &a.v,
+                &a.attn,
+                &a.lse,
+                true,
+            )?;
+            rope_backward(device, &mut acts.d_q, &acts.d_q_rot, &self.rope, 0)?;
+            rope_backward(device, &mut acts.d_k, &acts.d_k_rot, &self.rope, 0)?;
+            let (d_q, d_k, d_v) =
+                (heads_merged(&acts.d_q)?, heads_merged(&acts.d_k)?, heads_merged(&acts.d_v)?);
+            linear_backward_input(device, &mut acts.d_normed, &d_q, p.layer(l, LayerWeight::Q), false)?;
+            linear_backward_input(device, &mut acts.d_normed, &d_k, p.layer(l, LayerWeight::K), true)?;
+            linear_backward_input(device, &mut acts.d_normed, &d_v, p.layer(l, LayerWeight::V), true)?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::Q), &d_q, &a.normed_attn)?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::K), &d_k, &a.normed_attn)?;
+            linear_backward_weight(device, grads.layer_mut(l, LayerWeight::V), &d_v, &a.normed_attn)?;
+            rmsnorm_backward(
+                device,
+                &mut acts.d_branch,
+                grads.layer_mut(l, LayerWeight::InputNorm),
+                &mut acts.norm_scratch,
+                &acts.d_normed,
+                x,
+                p.layer(l, LayerWeight::InputNorm),
+                &a.rstd_attn,
+            )?;
+            residual_add(device, &mut acts.d_stream, &acts.d_branch)?;
+        }
+        embedding_backward(device, grads.embed_mut(), &acts.d_stream, ids)?;
+        Ok(())
+    }
+
+    /// The loss of the last [`Self::loss`], read back (synchronises).
+    pub fn read_loss(&self, device: &Device<R>, acts: &Activations<R, F>) -> Result<f32> {
+        Ok(acts.loss.to_vec(device)?[0])
+    }
+
+    pub fn rope(&self) -> &RopeTable<R> {
+        &self.rope
+    }
+}
