@@ -20,14 +20,15 @@ use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_att
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
+use kernels::matmul::{MatmulRoutine, linear_backward_input, linear_backward_weight, linear_forward};
 use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_forward};
 use kernels::rope::{RopeTable, rope_backward, rope_forward};
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
 use serde::Serialize;
 use std::time::Instant;
 
-const KERNELS: [&str; 8] =
-    ["rmsnorm", "swiglu", "rope", "embedding", "cross_entropy", "adamw", "grad_norm", "attention"];
+const KERNELS: [&str; 9] =
+    ["rmsnorm", "swiglu", "rope", "embedding", "cross_entropy", "adamw", "grad_norm", "attention", "matmul"];
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -40,7 +41,7 @@ pub struct BenchArgs {
     #[arg(long)]
     tokens: Option<usize>,
     /// Only these kernels (comma-separated): rmsnorm, swiglu, rope, embedding, cross_entropy,
-    /// adamw, grad_norm, attention.
+    /// adamw, grad_norm, attention, matmul.
     #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(KERNELS))]
     kernels: Vec<String>,
     /// Timed runs per measurement (the median is reported).
@@ -56,6 +57,19 @@ struct Report {
     copy: CopyResult,
     kernels: Vec<KernelResult>,
     attention: Vec<AttentionResult>,
+    matmul: Vec<MatmulResult>,
+}
+
+/// One of the linear layer's products (2·M·N·K FLOPs).
+#[derive(Serialize)]
+struct MatmulResult {
+    pass: &'static str,
+    dtype: String,
+    /// `M×K·K×N`.
+    shape: String,
+    routine: String,
+    median_ms: f64,
+    tflop_per_s: f64,
 }
 
 /// Flash attention against the naive (materialised-scores) path on the same device.
@@ -141,6 +155,7 @@ impl OnDevice for Bench<'_> {
             fast,
             results: Vec::new(),
             attention: Vec::new(),
+            matmul: Vec::new(),
         };
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             let outcome = match dtype {
@@ -158,6 +173,7 @@ impl OnDevice for Bench<'_> {
             copy,
             kernels: ctx.results,
             attention: ctx.attention,
+            matmul: ctx.matmul,
         })
     }
 }
@@ -170,6 +186,7 @@ struct Ctx<'a, R: BackendRuntime> {
     fast: bool,
     results: Vec<KernelResult>,
     attention: Vec<AttentionResult>,
+    matmul: Vec<MatmulResult>,
 }
 
 impl<R: BackendRuntime> Ctx<'_, R> {
@@ -434,6 +451,9 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
     if ctx.wants("attention") {
         bench_attention::<R, F>(ctx)?;
     }
+    if ctx.wants("matmul") {
+        bench_matmul::<R, F>(ctx, tokens)?;
+    }
     Ok(())
 }
 
@@ -526,6 +546,47 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
     Ok(())
 }
 
+/// The MLP's up projection at Llama-2-7B width (`[tokens, 4096] · [11008, 4096]ᵀ`) and its two
+/// backward products.
+fn bench_matmul<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens: usize) -> Result<()> {
+    let dev = ctx.dev;
+    let n = ctx.fit(tokens, INTERMEDIATE * size_of::<F>());
+    let (din, dout) = (HIDDEN, INTERMEDIATE);
+    let x = filled::<R, F>(dev, &[n, din], 0.01)?;
+    let w = filled::<R, F>(dev, &[dout, din], 0.01)?;
+    let dy = filled::<R, F>(dev, &[n, dout], 0.01)?;
+    let mut y = GpuTensor::<R, F>::uninit(dev, &[n, dout])?;
+    let mut dx = GpuTensor::<R, F>::uninit(dev, &[n, din])?;
+    let mut dw = GpuTensor::<R, F>::zeros(dev, &[dout, din])?;
+    let flops = 2.0 * (n * din * dout) as f64;
+    let shapes = [
+        ("y = x·Wᵀ", format!("{n}x{din}·{din}x{dout}")),
+        ("dx = dy·W", format!("{n}x{dout}·{dout}x{din}")),
+        ("dW += dyᵀ·x", format!("{dout}x{n}·{n}x{din}")),
+    ];
+    for (k, (pass, shape)) in shapes.into_iter().enumerate() {
+        eprintln!("matmul {pass} {} {shape}…", F::DTYPE);
+        let mut routine = MatmulRoutine::Units;
+        let ms = time_ms(dev, ctx.iters, || {
+            routine = match k {
+                0 => linear_forward(dev, &mut y, &x, &w)?,
+                1 => linear_backward_input(dev, &mut dx, &dy, &w, false)?,
+                _ => linear_backward_weight(dev, &mut dw, &dy, &x)?,
+            };
+            Ok(())
+        })?;
+        ctx.matmul.push(MatmulResult {
+            pass,
+            dtype: F::DTYPE.to_string(),
+            shape,
+            routine: format!("{routine:?}"),
+            median_ms: ms,
+            tflop_per_s: flops / (ms * 1e-3) / 1e12,
+        });
+    }
+    Ok(())
+}
+
 fn print_table(report: &Report) {
     println!("device: {}", report.device);
     println!(
@@ -552,6 +613,24 @@ fn print_table(report: &Report) {
             k.median_ms,
             k.gb_per_s,
             100.0 * k.fraction_of_copy
+        );
+    }
+    if !report.matmul.is_empty() {
+        println!();
+        println!(
+            "{:<13} {:<6} {:<26} {:<12} {:>11} {:>9}",
+            "matmul", "dtype", "shape", "routine", "median", "GFLOP/s"
+        );
+    }
+    for m in &report.matmul {
+        println!(
+            "{:<13} {:<6} {:<26} {:<12} {:>8.3} ms {:>9.1}",
+            m.pass,
+            m.dtype,
+            m.shape,
+            m.routine,
+            m.median_ms,
+            m.tflop_per_s * 1e3
         );
     }
     if report.attention.is_empty() {
