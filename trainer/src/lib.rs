@@ -1,9 +1,19 @@
-//! Training and fine-tuning loops. **Not built yet** (issues: "The trainer" and "Supervised
-//! fine-tuning"); this crate is an empty placeholder so the workspace has its final shape.
+//! Loops over the model: training, evaluation, and the data they read.
 //!
-//! It will own: token data (llm.c and llama2.c shards, text with a tokenizer), sequential
-//! batching, the cosine learning-rate schedule with warm-up, gradient accumulation and
-//! clipping, the AdamW loop, evaluation, JSON-lines logging, resumable checkpoints, and the
-//! SFT data path (prompt/answer packing with loss on answers only).
+//! - [`data`]: token files (llm.c shards, llama2.c `.bin`) and the batches cut from them.
+//! - [`corpus`]: the built-in corpus of the default run (generated text, byte tokens).
+//! - [`schedule`]: Llama 2's warm-up + cosine learning rate.
+//! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
+//! - [`train`]: the training loop, checkpoints and bit-identical resume.
+//! - [`eval`]: mean cross-entropy and perplexity of a model over a token file.
 
+pub mod corpus;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod optimizer;
+pub mod schedule;
+pub mod train;
+
+pub use error::{Result, TrainError};
 pub use model;

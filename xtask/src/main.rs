@@ -3,12 +3,22 @@
 //! - `cargo xtask test [--backend wgpu|cuda]`: every test of the workspace.
 //! - `cargo xtask bench [--backend wgpu|cuda] [--json]`: copy bandwidth, then each kernel's
 //!   achieved bandwidth and its fraction of the copy bandwidth.
+//! - `cargo xtask eval --model DIR --data FILE [--batch B] [--seq-len T] [--batches N] [--json]`:
+//!   mean cross-entropy and perplexity of a Hugging Face checkpoint over a token file.
+//! - `cargo xtask init --preset NAME --out DIR`: a freshly initialised checkpoint;
+//!   `cargo xtask config NAME|DIR`: parameter count and training memory of a configuration.
 //!
-//! `train`, `sft`, `eval` and `generate` arrive with the model and trainer.
+//! - `cargo xtask train [...]`: training; with no arguments a short run of the `tiny` preset on
+//!   the built-in corpus, ending with a sample.
+//!
+//! `sft` and `generate` are not written yet.
 
 mod bench;
 mod cargo;
+mod eval;
+mod init;
 mod test;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -51,6 +61,14 @@ enum Command {
     Test(test::TestArgs),
     /// Measure copy bandwidth and each kernel's bandwidth on the chosen backend.
     Bench(bench::BenchArgs),
+    /// Train a model (no arguments: a short run of the tiny preset on the built-in corpus).
+    Train(Box<train::TrainArgs>),
+    /// Mean cross-entropy and perplexity of a checkpoint over a token file.
+    Eval(eval::EvalArgs),
+    /// Write a freshly initialised checkpoint (a preset or a config.json's shape).
+    Init(init::InitArgs),
+    /// Show a configuration (preset, checkpoint or config.json): parameters and training memory.
+    Config(init::ConfigArgs),
 }
 
 fn main() -> Result<()> {
@@ -58,5 +76,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Train(args) => train::run(*args),
+        Command::Eval(args) => eval::run(args),
+        Command::Init(args) => init::init(args),
+        Command::Config(args) => init::show(args),
     }
 }

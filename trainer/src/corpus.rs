@@ -1,0 +1,104 @@
+//! The built-in corpus of the default training run: English-like sentences generated from a
+//! small grammar by a seeded generator (no download, identical on every machine), tokenised as
+//! bytes (ids 0–255, so any model with a vocabulary of at least 256 reads it).
+//!
+//! It has structure at every scale a small model can learn in minutes: spelling of a few dozen
+//! words, agreement (`a cat sees` / `the cats see`), and sentence shape.
+
+/// SplitMix64: the corpus must not depend on any crate's RNG algorithm.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn pick<'a>(&mut self, words: &[&'a str]) -> &'a str {
+        words[(self.next() % words.len() as u64) as usize]
+    }
+}
+
+const NOUNS: [&str; 12] =
+    ["cat", "dog", "bird", "fox", "child", "farmer", "teacher", "river", "tree", "robot", "king", "queen"];
+const ADJECTIVES: [&str; 10] =
+    ["small", "old", "happy", "quiet", "brave", "green", "tired", "clever", "tall", "kind"];
+const VERBS: [(&str, &str); 8] = [
+    ("sees", "see"),
+    ("likes", "like"),
+    ("follows", "follow"),
+    ("helps", "help"),
+    ("finds", "find"),
+    ("watches", "watch"),
+    ("calls", "call"),
+    ("knows", "know"),
+];
+const PLACES: [&str; 6] =
+    ["in the garden", "near the river", "at night", "in the morning", "by the sea", "on the hill"];
+
+fn noun_phrase(rng: &mut Rng, plural: bool) -> String {
+    let noun = rng.pick(&NOUNS);
+    let noun = if plural {
+        match noun {
+            "child" => "children".to_string(),
+            "fox" => "foxes".to_string(),
+            n => format!("{n}s"),
+        }
+    } else {
+        noun.to_string()
+    };
+    let article = if plural || rng.next().is_multiple_of(2) { "the" } else { "a" };
+    if rng.next().is_multiple_of(2) {
+        format!("{article} {} {noun}", rng.pick(&ADJECTIVES))
+    } else {
+        format!("{article} {noun}")
+    }
+}
+
+fn sentence(rng: &mut Rng) -> String {
+    let plural = rng.next().is_multiple_of(3);
+    let subject = noun_phrase(rng, plural);
+    let (singular_verb, plural_verb) = VERBS[(rng.next() % VERBS.len() as u64) as usize];
+    let plural_object = rng.next().is_multiple_of(4);
+    let object = noun_phrase(rng, plural_object);
+    let mut s = format!("{subject} {} {object}", if plural { plural_verb } else { singular_verb });
+    if rng.next().is_multiple_of(3) {
+        s.push(' ');
+        s.push_str(rng.pick(&PLACES));
+    }
+    let mut chars = s.chars();
+    let first = chars.next().map(|c| c.to_ascii_uppercase()).unwrap_or(' ');
+    format!("{first}{}.", chars.as_str())
+}
+
+/// About `bytes` bytes of text: sentences separated by spaces, a newline every few sentences.
+pub fn text(bytes: usize, seed: u64) -> String {
+    let mut rng = Rng(seed ^ 0xC0_2B_05);
+    let mut out = String::with_capacity(bytes + 128);
+    let mut in_paragraph = 0;
+    while out.len() < bytes {
+        out.push_str(&sentence(&mut rng));
+        in_paragraph += 1;
+        if in_paragraph == 4 {
+            out.push('\n');
+            in_paragraph = 0;
+        } else {
+            out.push(' ');
+        }
+    }
+    out
+}
+
+/// Byte-level token ids of `text`.
+pub fn byte_tokens(text: &str) -> Vec<u32> {
+    text.bytes().map(u32::from).collect()
+}
+
+/// Text of byte-level ids (ids ≥ 256 shown as `�`).
+pub fn bytes_to_text(ids: &[u32]) -> String {
+    let bytes: Vec<u8> = ids.iter().map(|&id| u8::try_from(id).unwrap_or(b'?')).collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
