@@ -12,6 +12,7 @@ pub mod attention_naive;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;
+pub mod kv_cache;
 pub mod matmul;
 pub mod reference;
 pub mod residual;

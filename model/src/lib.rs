@@ -6,7 +6,8 @@
 //! - [`Params`]: the parameter tensors (and gradients) in checkpoint order, Hugging Face names.
 //! - [`Activations`]: every buffer of a forward + backward at one (batch, seq) shape,
 //!   allocated once.
-//! - [`Llama`]: forward to logits, cross-entropy, backward into gradients.
+//! - [`Llama`]: forward to logits, cross-entropy, backward into gradients; [`Llama::decode`]
+//!   with a [`KvCache`] for generation.
 //! - [`init`]: seeded fresh parameters (N(0, 0.02²) matrices, unit norms).
 //! - [`checkpoint`]: Hugging Face layout, single file or sharded, f32/f16/bf16, atomic save.
 //! - [`reference`]: the same model in f64 on the CPU, for tests.
@@ -14,6 +15,7 @@
 pub mod activations;
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod init;
 pub mod llama;
@@ -22,6 +24,7 @@ pub mod reference;
 
 pub use activations::Activations;
 pub use config::{LayerWeight, LlamaConfig, ParamSpec};
+pub use decode::KvCache;
 pub use error::{ModelError, Result};
 pub use kernels;
 pub use llama::Llama;

@@ -6,11 +6,13 @@
 //! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
 //! - [`train`]: the training loop, checkpoints and bit-identical resume.
 //! - [`eval`]: mean cross-entropy and perplexity of a model over a token file.
+//! - [`generate`]: KV-cache generation, greedy or temperature + top-p.
 
 pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod optimizer;
 pub mod schedule;
 pub mod train;

@@ -323,35 +323,10 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         Ok(())
     }
 
-    /// Greedy continuation of `prompt` by `new_tokens` tokens, recomputing the full forward for
-    /// each (causal attention makes the padding after the last real token irrelevant).
-    pub fn greedy_sample(
-        &mut self,
-        device: &Device<R>,
-        prompt: &[u32],
-        new_tokens: usize,
-    ) -> Result<Vec<u32>> {
-        let t = self.options.seq_len;
-        let mut acts = Activations::<R, F>::new(device, &self.model.config, 1, t)?;
-        let mut tokens = prompt.to_vec();
-        let vocab = self.model.config.vocab_size;
-        for _ in 0..new_tokens {
-            let window_start = tokens.len().saturating_sub(t);
-            let window = &tokens[window_start..];
-            let mut padded = window.to_vec();
-            padded.resize(t, 0);
-            let ids = self.model.token_ids(device, &padded, 1, t)?;
-            self.model.forward(device, &mut acts, &ids)?;
-            let logits = acts.logits.to_f64_vec(device)?;
-            let row = &logits[(window.len() - 1) * vocab..window.len() * vocab];
-            let next = row
-                .iter()
-                .enumerate()
-                .fold((0, f64::MIN), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
-                .0;
-            tokens.push(next as u32);
-        }
-        Ok(tokens[prompt.len()..].to_vec())
+    /// Greedy continuation of `prompt` by `new_tokens` tokens (KV-cache decoding).
+    pub fn greedy_sample(&self, device: &Device<R>, prompt: &[u32], new_tokens: usize) -> Result<Vec<u32>> {
+        let greedy = crate::generate::Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+        crate::generate::generate(device, &self.model, prompt, new_tokens, greedy, |_| {})
     }
 }
 

@@ -11,11 +11,14 @@
 //! - `cargo xtask train [...]`: training; with no arguments a short run of the `tiny` preset on
 //!   the built-in corpus, ending with a sample.
 //!
-//! `sft` and `generate` are not written yet.
+//! - `cargo xtask generate --model DIR --prompt TEXT`: KV-cache generation, streamed.
+//!
+//! `sft` is not written yet.
 
 mod bench;
 mod cargo;
 mod eval;
+mod generate;
 mod init;
 mod test;
 mod train;
@@ -65,6 +68,8 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Mean cross-entropy and perplexity of a checkpoint over a token file.
     Eval(eval::EvalArgs),
+    /// Continue a prompt with a checkpoint (KV cache; greedy at --temperature 0).
+    Generate(generate::GenerateArgs),
     /// Write a freshly initialised checkpoint (a preset or a config.json's shape).
     Init(init::InitArgs),
     /// Show a configuration (preset, checkpoint or config.json): parameters and training memory.
@@ -78,6 +83,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),
         Command::Eval(args) => eval::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::init(args),
         Command::Config(args) => init::show(args),
     }

@@ -1,0 +1,112 @@
+//! Text generation with a KV cache: the prompt in one pass, then one token per step through
+//! the attention decode path; greedy at temperature 0, else temperature + nucleus (top-p)
+//! sampling from a seeded generator.
+
+use crate::error::{Result, TrainError};
+use cubecl::Runtime;
+use dsl::{Device, FloatElement};
+use model::{KvCache, Llama};
+
+/// How to pick each next token.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0 picks the most likely token (greedy).
+    pub temperature: f64,
+    /// Sample only from the smallest set of tokens whose probability reaches `top_p`.
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+/// SplitMix64 (reproducible across platforms and crate versions).
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The index of the largest logit (the first one on ties).
+pub fn argmax(logits: &[f64]) -> usize {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0
+}
+
+fn sample(logits: &[f64], s: &Sampling, rng: &mut Rng) -> usize {
+    if s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &l)| (i, ((l - max) / s.temperature).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (k, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= s.top_p {
+            cut = k + 1;
+            break;
+        }
+    }
+    let nucleus = &probs[..cut];
+    let mass: f64 = nucleus.iter().map(|p| p.1).sum();
+    let mut target = rng.uniform() * mass;
+    for &(i, p) in nucleus {
+        target -= p;
+        if target <= 0.0 {
+            return i;
+        }
+    }
+    nucleus[nucleus.len() - 1].0
+}
+
+/// Continues `prompt` by up to `max_new` tokens (fewer if the context fills), calling
+/// `on_token` with each as soon as it is chosen; returns the new tokens.
+pub fn generate<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    model: &Llama<R, F>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    mut on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(TrainError::Options("the prompt is empty".into()));
+    }
+    let context = model.config.max_position_embeddings;
+    if prompt.len() >= context {
+        return Err(TrainError::Options(format!(
+            "the prompt has {} tokens; the model's context is {context}",
+            prompt.len()
+        )));
+    }
+    let capacity = (prompt.len() + max_new).min(context);
+    let mut cache = KvCache::new(device, model, 1, capacity)?;
+    let vocab = model.config.vocab_size;
+    let mut rng = Rng(sampling.seed);
+    let mut out = Vec::with_capacity(max_new);
+    let ids = model.token_ids(device, prompt, 1, prompt.len())?;
+    let mut logits = model.decode(device, &mut cache, &ids)?.to_f64_vec(device)?;
+    let mut last_row = prompt.len() - 1;
+    while out.len() < max_new {
+        let next = sample(&logits[last_row * vocab..(last_row + 1) * vocab], &sampling, &mut rng) as u32;
+        out.push(next);
+        on_token(next);
+        if out.len() == max_new || cache.len >= capacity {
+            break;
+        }
+        let ids = model.token_ids(device, &[next], 1, 1)?;
+        logits = model.decode(device, &mut cache, &ids)?.to_f64_vec(device)?;
+        last_row = 0;
+    }
+    Ok(out)
+}
