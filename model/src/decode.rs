@@ -3,7 +3,7 @@
 
 use crate::config::LayerWeight;
 use crate::error::{ModelError, Result};
-use crate::llama::Llama;
+use crate::llama::{Llama, heads_merged};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement, GpuTensor};
 use kernels::attention::attention_decode;
@@ -91,16 +91,12 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
         let (mut gate, mut up, mut act) = (f(&mlp)?, f(&mlp)?, f(&mlp)?);
         let mut rstd = GpuTensor::<R, f32>::uninit(device, &[batch * new])?;
         let mut lse = GpuTensor::<R, f32>::uninit(device, &[batch, hq, new])?;
-        let merged = |t: &GpuTensor<R, F>| -> Result<GpuTensor<R, F>> {
-            let s = t.shape();
-            Ok(t.reshape(&[s[0], s[1], s[2] * s[3]])?)
-        };
         embedding_forward(device, &mut x, ids, p.embed())?;
         for l in 0..c.num_hidden_layers {
             rmsnorm_forward(device, &mut normed, &mut rstd, &x, p.layer(l, LayerWeight::InputNorm), eps)?;
-            linear_forward(device, &mut merged(&q)?, &normed, p.layer(l, LayerWeight::Q))?;
-            linear_forward(device, &mut merged(&k)?, &normed, p.layer(l, LayerWeight::K))?;
-            linear_forward(device, &mut merged(&v)?, &normed, p.layer(l, LayerWeight::V))?;
+            linear_forward(device, &mut heads_merged(&q)?, &normed, p.layer(l, LayerWeight::Q))?;
+            linear_forward(device, &mut heads_merged(&k)?, &normed, p.layer(l, LayerWeight::K))?;
+            linear_forward(device, &mut heads_merged(&v)?, &normed, p.layer(l, LayerWeight::V))?;
             rope_forward(device, &mut q_rot, &q, self.rope(), start)?;
             rope_forward(device, &mut k_rot, &k, self.rope(), start)?;
             kv_cache_write(device, &mut cache.k[l], &k_rot, start)?;
@@ -115,7 +111,7 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 start + new,
                 start,
             )?;
-            linear_forward(device, &mut mid, &merged(&attn)?, p.layer(l, LayerWeight::O))?;
+            linear_forward(device, &mut mid, &heads_merged(&attn)?, p.layer(l, LayerWeight::O))?;
             residual_add(device, &mut mid, &x)?;
             rmsnorm_forward(
                 device,

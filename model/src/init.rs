@@ -7,30 +7,38 @@ use crate::config::LlamaConfig;
 /// Hugging Face's default `initializer_range`.
 pub const INIT_STD: f64 = 0.02;
 
-/// SplitMix64 + Box–Muller: small, portable, reproducible.
-struct Normals {
-    state: u64,
-    spare: Option<f64>,
-}
+/// SplitMix64: the project's one seeded generator (initialisation, the built-in corpus,
+/// sampling), defined here so results never depend on another crate's algorithm.
+pub struct SplitMix64(pub u64);
 
-impl Normals {
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
+impl SplitMix64 {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
 
-    fn uniform(&mut self) -> f64 {
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
+}
 
+/// Box–Muller normals from [`SplitMix64`].
+struct Normals {
+    rng: SplitMix64,
+    spare: Option<f64>,
+}
+
+impl Normals {
     fn next(&mut self) -> f64 {
         if let Some(v) = self.spare.take() {
             return v;
         }
-        let (r, angle) = ((-2.0 * self.uniform().ln()).sqrt(), std::f64::consts::TAU * self.uniform());
+        let (r, angle) =
+            ((-2.0 * self.rng.uniform().ln()).sqrt(), std::f64::consts::TAU * self.rng.uniform());
         self.spare = Some(r * angle.sin());
         r * angle.cos()
     }
@@ -38,7 +46,7 @@ impl Normals {
 
 /// Parameters in [`LlamaConfig::parameters`] order.
 pub fn initial_params(config: &LlamaConfig, seed: u64) -> Vec<Vec<f32>> {
-    let mut rng = Normals { state: seed ^ 0x5EED_11A2, spare: None };
+    let mut rng = Normals { rng: SplitMix64(seed ^ 0x5EED_11A2), spare: None };
     config
         .parameters()
         .iter()

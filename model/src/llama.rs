@@ -30,7 +30,7 @@ pub struct Llama<R: Runtime, F: FloatElement> {
 
 /// A view of `t` with its last two dimensions merged (`[B, T, H, hd]` → `[B, T, H·hd]`), the
 /// shape the projections read and write.
-fn heads_merged<R: Runtime, F: FloatElement>(t: &GpuTensor<R, F>) -> Result<GpuTensor<R, F>> {
+pub(crate) fn heads_merged<R: Runtime, F: FloatElement>(t: &GpuTensor<R, F>) -> Result<GpuTensor<R, F>> {
     let s = t.shape();
     Ok(t.reshape(&[s[0], s[1], s[2] * s[3]])?)
 }

@@ -5,16 +5,14 @@
 //! It has structure at every scale a small model can learn in minutes: spelling of a few dozen
 //! words, agreement (`a cat sees` / `the cats see`), and sentence shape.
 
-/// SplitMix64: the corpus must not depend on any crate's RNG algorithm.
-struct Rng(u64);
+use model::init::SplitMix64;
+
+/// The corpus's word choices.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn pick<'a>(&mut self, words: &[&'a str]) -> &'a str {
@@ -76,7 +74,7 @@ fn sentence(rng: &mut Rng) -> String {
 
 /// About `bytes` bytes of text: sentences separated by spaces, a newline every few sentences.
 pub fn text(bytes: usize, seed: u64) -> String {
-    let mut rng = Rng(seed ^ 0xC0_2B_05);
+    let mut rng = Rng(SplitMix64(seed ^ 0xC0_2B_05));
     let mut out = String::with_capacity(bytes + 128);
     let mut in_paragraph = 0;
     while out.len() < bytes {

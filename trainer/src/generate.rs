@@ -5,6 +5,7 @@
 use crate::error::{Result, TrainError};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement};
+use model::init::SplitMix64;
 use model::{KvCache, Llama};
 
 /// How to pick each next token.
@@ -17,19 +18,6 @@ pub struct Sampling {
     pub seed: u64,
 }
 
-/// SplitMix64 (reproducible across platforms and crate versions).
-struct Rng(u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The index of the largest logit (the first one on ties).
 pub fn argmax(logits: &[f64]) -> usize {
     logits
@@ -39,7 +27,7 @@ pub fn argmax(logits: &[f64]) -> usize {
         .0
 }
 
-fn sample(logits: &[f64], s: &Sampling, rng: &mut Rng) -> usize {
+fn sample(logits: &[f64], s: &Sampling, rng: &mut SplitMix64) -> usize {
     if s.temperature <= 0.0 {
         return argmax(logits);
     }
@@ -92,7 +80,7 @@ pub fn generate<R: Runtime, F: FloatElement>(
     let capacity = (prompt.len() + max_new).min(context);
     let mut cache = KvCache::new(device, model, 1, capacity)?;
     let vocab = model.config.vocab_size;
-    let mut rng = Rng(sampling.seed);
+    let mut rng = SplitMix64(sampling.seed);
     let mut out = Vec::with_capacity(max_new);
     let ids = model.token_ids(device, prompt, 1, prompt.len())?;
     let mut logits = model.decode(device, &mut cache, &ids)?.to_f64_vec(device)?;
