@@ -205,6 +205,10 @@ impl Train<'_> {
                 options.steps
             );
         }
+        // Fail now, not after the run: the checkpoint goes to `out` at the end.
+        if out.exists() && !out.is_dir() {
+            bail!("--out {} exists and is not a directory", out.display());
+        }
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         }
