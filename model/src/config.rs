@@ -277,6 +277,20 @@ impl LlamaConfig {
         self.parameters().iter().map(|p| p.numel()).sum()
     }
 
+    /// FLOPs of one training token (forward + backward) at sequence length `seq`, as MFU counts
+    /// them (PaLM's appendix B): 6 per weight of every matrix product (the embedding lookup is
+    /// not one; lm_head is), plus the attention products, 6·2·L·(Hq·hd)·T for full attention
+    /// (the causal half is not discounted, as in the usual MFU figures).
+    pub fn training_flops_per_token(&self, seq: usize) -> f64 {
+        let vc = self.vocab_size * self.hidden_size;
+        let matrices =
+            self.parameters().iter().filter(|p| p.shape.len() == 2).map(|p| p.numel()).sum::<usize>();
+        // Take out the embedding table and, untied, lm_head's own copy; add lm_head's product.
+        let layer_matrices = matrices - if self.tie_word_embeddings { vc } else { 2 * vc };
+        let attention = 12 * self.num_hidden_layers * self.q_dim() * seq;
+        6.0 * (layer_matrices + vc) as f64 + attention as f64
+    }
+
     /// Bytes a training step at `batch × seq` holds on the device with parameters of
     /// `param_bytes` each: parameters, gradients, AdamW's two f32 moments, and the saved
     /// activations and scratch of [`crate::Activations`].

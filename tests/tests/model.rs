@@ -262,3 +262,19 @@ fn config_json_errors_name_the_file_and_the_problem() {
         assert!(err.contains("bad/config.json") && err.contains(expected), "{err} (expected `{expected}`)");
     }
 }
+
+#[test]
+fn training_flops_follow_the_mfu_convention() {
+    // V 10, C 32, I 48, 2 layers, 4 heads of 16 sharing 2 kv heads: per layer q 64·32, k and v
+    // 32·32, o 32·64, gate/up/down 48·32 each; lm_head 10·32; attention 12·L·(Hq·hd)·T.
+    let mut config = models::tiny_config(10, 32, 48, 2, 4, 2, 16);
+    let per_layer = 64 * 32 + 2 * 32 * 32 + 32 * 64 + 3 * 48 * 32;
+    let want = |seq: usize| 6.0 * (2 * per_layer + 10 * 32) as f64 + (12 * 2 * 64 * seq) as f64;
+    assert_eq!(config.training_flops_per_token(7), want(7));
+    config.tie_word_embeddings = true;
+    assert_eq!(config.training_flops_per_token(7), want(7), "a tied lm_head still multiplies");
+    // Llama-2-7B at 4096: 6·(6.476e9 layer matrices + 0.131e9 lm_head) + 12·32·4096·4096
+    // ≈ 3.964e10 + 0.644e10 = 4.608e10 FLOPs per token.
+    let seven = LlamaConfig::preset("llama2-7b").unwrap().training_flops_per_token(4096);
+    assert!((seven / 4.608e10 - 1.0).abs() < 1e-3, "{seven:e}");
+}

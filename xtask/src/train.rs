@@ -77,6 +77,10 @@ pub struct TrainArgs {
     /// Save a checkpoint to --out every N steps.
     #[arg(long)]
     save_every: Option<u64>,
+    /// The device's peak FLOP/s in TFLOP/s for the compute type (e.g. 989 for an H100's dense
+    /// bf16): the summary then gives the model FLOP utilisation.
+    #[arg(long)]
+    peak_tflops: Option<f64>,
     /// Compute type: f32 (default), f16, or bf16 (cuda).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
     dtype: String,
@@ -280,6 +284,15 @@ impl Train<'_> {
                 None => String::new(),
             }
         );
+        let model_tflops =
+            tokens as f64 * trainer.model.config.training_flops_per_token(options.seq_len) / seconds / 1e12;
+        match args.peak_tflops {
+            Some(peak) => eprintln!(
+                "model FLOPs: {model_tflops:.3} TFLOP/s = {:.1}% of the {peak} TFLOP/s peak (MFU)",
+                100.0 * model_tflops / peak
+            ),
+            None => eprintln!("model FLOPs: {model_tflops:.3} TFLOP/s (pass --peak-tflops for MFU)"),
+        }
         eprintln!("checkpoint: {} (log: {})", out.display(), log_path.display());
         if args.is_demo() {
             let prompt = corpus::byte_tokens("The ");
