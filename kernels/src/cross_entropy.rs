@@ -3,7 +3,8 @@
 //! Shapes: `logits`, `dlogits`: `[N, V]`; targets: `[N]` (N = B·T) with `-100` meaning "no
 //! loss here" (prompt tokens in SFT, padding); `row_loss`: `[N]` f32; `loss`: `[1]` f32.
 //! Forward: `loss = (1/M) Σ_{n: target ≠ −100} (log Σ_v e^{logits[n,v]} − logits[n, target])`,
-//! M = number of counted rows; `row_loss[n]` is row n's term (0 for ignored rows).
+//! M = number of counted rows (or the denominator the caller set, see
+//! [`Targets::with_denominator`]); `row_loss[n]` is row n's term (0 for ignored rows).
 //! Backward, written in the same pass: `dlogits[n] = (softmax(logits[n]) − onehot(target))/M`
 //! for counted rows, 0 for ignored ones (overwritten, `=`; it is the gradient of the mean loss,
 //! so it already carries the 1/M). With M = 0 the loss and the gradient are 0, not NaN.
@@ -28,6 +29,8 @@ pub struct Targets<R: Runtime> {
     /// `[N]`, each in `0..vocab_size` or [`IGNORE_INDEX`].
     pub targets: GpuTensor<R, i32>,
     counted: usize,
+    /// What the summed loss is divided by: `counted` unless [`Targets::with_denominator`] set it.
+    denominator: usize,
     vocab_size: usize,
 }
 
@@ -47,11 +50,22 @@ impl<R: Runtime> Targets<R> {
                 allowed: " (allowed: 0..vocab_size, or -100 to ignore the position)",
             });
         }
+        let counted = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
         Ok(Self {
             targets: GpuTensor::from_slice(device, targets, &[targets.len()])?,
-            counted: targets.iter().filter(|&&t| t != IGNORE_INDEX).count(),
+            counted,
+            denominator: counted,
             vocab_size,
         })
+    }
+
+    /// Divides the summed loss (and its gradient) by `denominator` instead of this batch's own
+    /// count: with the count of a whole accumulated step, the micro-batches' losses and gradients
+    /// add up to the mean over every counted position of the step, however the counted positions
+    /// fall across micro-batches (SFT masks a different number in each).
+    pub fn with_denominator(mut self, denominator: usize) -> Self {
+        self.denominator = denominator;
+        self
     }
 
     /// Positions that count towards the loss (target ≠ −100).
@@ -214,7 +228,7 @@ fn launch<R: Runtime, F: FloatElement>(
     (rows, vocab): (usize, usize),
     cfg: CrossEntropyConfig,
 ) -> Result<()> {
-    let scale = if targets.counted == 0 { 0.0 } else { 1.0 / targets.counted as f32 };
+    let scale = if targets.denominator == 0 { 0.0 } else { 1.0 / targets.denominator as f32 };
     if rows > 0 && vocab > 0 {
         // SAFETY: rows are guarded by `row < rows`, columns by `c < V/vec` (vec divides V);
         // the target read is at t < V (validated on upload, ignored rows skip it); dlogits is

@@ -59,3 +59,30 @@ pub fn initial_params(config: &LlamaConfig, seed: u64) -> Vec<Vec<f32>> {
         })
         .collect()
 }
+
+/// The vocabulary grown to `vocab_size` (SFT adds a separator token): every new row of the
+/// embedding, and of an untied lm_head, is the mean of the existing rows, so a new token starts
+/// as an average token rather than a random direction (the choice of Hugging Face's
+/// `resize_token_embeddings`, without its added noise). `params` are in
+/// [`LlamaConfig::parameters`] order; the grown configuration is returned.
+pub fn grow_vocab(config: &LlamaConfig, params: &mut [Vec<f32>], vocab_size: usize) -> LlamaConfig {
+    let mut grown = config.clone();
+    if vocab_size <= config.vocab_size {
+        return grown;
+    }
+    grown.vocab_size = vocab_size;
+    let (old, c) = (config.vocab_size, config.hidden_size);
+    let grow = |rows: &mut Vec<f32>| {
+        let mean: Vec<f32> = (0..c)
+            .map(|j| ((0..old).map(|r| f64::from(rows[r * c + j])).sum::<f64>() / old as f64) as f32)
+            .collect();
+        for _ in old..vocab_size {
+            rows.extend_from_slice(&mean);
+        }
+    };
+    grow(&mut params[0]);
+    if !config.tie_word_embeddings {
+        grow(params.last_mut().expect("an untied model ends with lm_head"));
+    }
+    grown
+}

@@ -107,7 +107,7 @@ fn greedy_is_argmax<R: BackendRuntime>(dev: &Device<R>) {
     let config = config();
     let model = load(dev, &config);
     let prompt = [5u32, 17, 2];
-    let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
+    let greedy = Sampling::GREEDY;
     let mut streamed = Vec::new();
     let out = generate(dev, &model, &prompt, 12, greedy, |t| streamed.push(t)).unwrap();
     assert_eq!(out.len(), 12);
@@ -119,9 +119,9 @@ fn greedy_is_argmax<R: BackendRuntime>(dev: &Device<R>) {
         assert_eq!(argmax(&logits[row * 61..(row + 1) * 61]) as u32, token, "token {k}");
     }
     // A tiny nucleus is greedy whatever the temperature; a seed makes sampling repeatable.
-    let narrow = Sampling { temperature: 1.0, top_p: 1e-9, seed: 3 };
+    let narrow = Sampling { temperature: 1.0, top_p: 1e-9, seed: 3, stop_at: None };
     assert_eq!(generate(dev, &model, &prompt, 12, narrow, |_| {}).unwrap(), out);
-    let warm = Sampling { temperature: 1.5, top_p: 0.9, seed: 11 };
+    let warm = Sampling { temperature: 1.5, top_p: 0.9, seed: 11, stop_at: None };
     let a = generate(dev, &model, &prompt, 12, warm, |_| {}).unwrap();
     assert_eq!(a, generate(dev, &model, &prompt, 12, warm, |_| {}).unwrap());
     assert!(a.iter().all(|&t| (t as usize) < config.vocab_size));

@@ -1,11 +1,18 @@
 //! The built-in corpus of the default training run: English-like sentences generated from a
-//! small grammar by a seeded generator (no download, identical on every machine), tokenised as
-//! bytes (ids 0–255, so any model with a vocabulary of at least 256 reads it).
+//! small grammar by a seeded generator (no download, identical on every machine), in paragraphs
+//! of four sentences separated by blank lines, tokenised by the byte tokenizer
+//! ([`TextTokenizer::bytes`]: ids 0–255 are the bytes, each paragraph starts with `<s>` = 256).
 //!
 //! It has structure at every scale a small model can learn in minutes: spelling of a few dozen
 //! words, agreement (`a cat sees` / `the cats see`), and sentence shape.
 
+use crate::data::{DetectedFormat, TokenStream, documents};
+use crate::tokenizer::TextTokenizer;
 use model::init::SplitMix64;
+use std::path::PathBuf;
+
+/// How the built-in corpus is named in output and checkpoints.
+pub const NAME: &str = "built-in corpus (generated sentences, byte tokens)";
 
 /// The corpus's word choices.
 struct Rng(SplitMix64);
@@ -72,7 +79,7 @@ fn sentence(rng: &mut Rng) -> String {
     format!("{first}{}.", chars.as_str())
 }
 
-/// About `bytes` bytes of text: sentences separated by spaces, a newline every few sentences.
+/// About `bytes` bytes of text: sentences separated by spaces, paragraphs by blank lines.
 pub fn text(bytes: usize, seed: u64) -> String {
     let mut rng = Rng(SplitMix64(seed ^ 0xC0_2B_05));
     let mut out = String::with_capacity(bytes + 128);
@@ -81,7 +88,7 @@ pub fn text(bytes: usize, seed: u64) -> String {
         out.push_str(&sentence(&mut rng));
         in_paragraph += 1;
         if in_paragraph == 4 {
-            out.push('\n');
+            out.push_str("\n\n");
             in_paragraph = 0;
         } else {
             out.push(' ');
@@ -90,13 +97,12 @@ pub fn text(bytes: usize, seed: u64) -> String {
     out
 }
 
-/// Byte-level token ids of `text`.
-pub fn byte_tokens(text: &str) -> Vec<u32> {
-    text.bytes().map(u32::from).collect()
-}
-
-/// Text of byte-level ids (ids ≥ 256 shown as `�`).
-pub fn bytes_to_text(ids: &[u32]) -> String {
-    let bytes: Vec<u8> = ids.iter().map(|&id| u8::try_from(id).unwrap_or(b'?')).collect();
-    String::from_utf8_lossy(&bytes).into_owned()
+/// The default run's data: about `bytes` bytes of [`text`] through the byte tokenizer, and
+/// that tokenizer.
+pub fn stream(bytes: usize, seed: u64) -> crate::Result<(TokenStream, TextTokenizer)> {
+    let tokenizer = TextTokenizer::bytes();
+    let text = text(bytes, seed);
+    let tokens = tokenizer.encode_all(documents(&text), true)?.concat();
+    let stream = TokenStream { path: PathBuf::from(NAME), format: DetectedFormat::Text, tokens };
+    Ok((stream, tokenizer))
 }

@@ -5,10 +5,13 @@
 //!   count), then the tokens: magic 20240520 version 1 with u16 tokens (GPT-2/Llama 2
 //!   vocabularies), magic 20240801 version 7 with u32 tokens (Llama 3).
 //! - llama2.c's pretokenized `.bin`: headerless little-endian u16 tokens.
+//! - UTF-8 text with a tokenizer: documents are separated by blank lines, and each is encoded
+//!   with the tokenizer's special tokens (`<s>` first, for Llama's), then all are concatenated.
 //!
 //! Batch `k` of `B × T` uses tokens `[k·B·T, k·B·T + B·T + 1)`: inputs are the first `B·T`,
 //! targets the last `B·T` (the same stream shifted by one), both read as `B` rows of `T`.
 
+use crate::tokenizer::TextTokenizer;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +47,23 @@ pub enum TokenFormat {
     Llmc,
     /// llama2.c headerless u16.
     Llama2c,
+    /// UTF-8 text, read through a tokenizer.
+    Text,
+}
+
+impl TokenFormat {
+    /// Whether `path` is read as text: `text` asked for, or `auto` and a `.txt`, `.text` or
+    /// `.md` extension.
+    pub fn is_text(self, path: &Path) -> bool {
+        match self {
+            Self::Text => true,
+            Self::Auto => path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["txt", "text", "md"].contains(&e.to_ascii_lowercase().as_str())),
+            Self::Llmc | Self::Llama2c => false,
+        }
+    }
 }
 
 impl std::str::FromStr for TokenFormat {
@@ -53,7 +73,8 @@ impl std::str::FromStr for TokenFormat {
             "auto" => Ok(Self::Auto),
             "llmc" | "llm.c" => Ok(Self::Llmc),
             "llama2c" | "llama2.c" => Ok(Self::Llama2c),
-            other => Err(format!("unknown data format `{other}`: expected auto, llmc or llama2c")),
+            "text" => Ok(Self::Text),
+            other => Err(format!("unknown data format `{other}`: expected auto, llmc, llama2c or text")),
         }
     }
 }
@@ -64,6 +85,7 @@ pub enum DetectedFormat {
     LlmcU16,
     LlmcU32,
     Llama2c,
+    Text,
 }
 
 impl fmt::Display for DetectedFormat {
@@ -72,6 +94,7 @@ impl fmt::Display for DetectedFormat {
             Self::LlmcU16 => "llm.c shard (v1, uint16)",
             Self::LlmcU32 => "llm.c shard (v7, uint32)",
             Self::Llama2c => "llama2.c .bin (uint16)",
+            Self::Text => "UTF-8 text",
         })
     }
 }
@@ -95,6 +118,13 @@ impl TokenStream {
         Self::decode(path, &bytes, format)
     }
 
+    /// Reads `path` as UTF-8 text and encodes it with `tokenizer` (see the module's rule).
+    pub fn open_text(path: &Path, tokenizer: &TextTokenizer) -> crate::Result<Self> {
+        let text = read_text(path)?;
+        let encoded = tokenizer.encode_all(documents(&text), true)?;
+        Ok(Self { path: path.to_path_buf(), format: DetectedFormat::Text, tokens: encoded.concat() })
+    }
+
     /// Decodes the bytes of a token file (`path` names it in errors).
     pub fn decode(path: &Path, bytes: &[u8], format: TokenFormat) -> Result<Self> {
         let header_word = |i: usize| -> Option<i32> {
@@ -105,6 +135,12 @@ impl TokenStream {
         let llmc = match format {
             TokenFormat::Llmc => true,
             TokenFormat::Llama2c => false,
+            TokenFormat::Text => {
+                return Err(format_error(
+                    path,
+                    "text needs a tokenizer: read it with TokenStream::open_text",
+                ));
+            }
             TokenFormat::Auto => {
                 if !is_llmc_magic && looks_like_llmc_header(bytes) {
                     return Err(format_error(
@@ -234,6 +270,40 @@ impl TokenStream {
         }
         Ok((window[..n].to_vec(), window[1..].iter().map(|&t| t as i32).collect()))
     }
+}
+
+/// The contents of a text file, or an error naming the first byte that is not UTF-8.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+    String::from_utf8(bytes).map_err(|e| {
+        format_error(
+            path,
+            format!("is not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        )
+    })
+}
+
+/// The documents of a text: the non-blank stretches between blank lines, trimmed.
+pub fn documents(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut end = 0;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        if line.trim().is_empty() {
+            if let Some(s) = start.take() {
+                out.push(text[s..end].trim());
+            }
+        } else {
+            start.get_or_insert(offset);
+            end = offset + line.len();
+        }
+        offset += line.len();
+    }
+    if let Some(s) = start {
+        out.push(text[s..end].trim());
+    }
+    out
 }
 
 /// A header whose token count matches the file size (for 2- or 4-byte tokens) is an llm.c

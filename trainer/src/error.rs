@@ -6,6 +6,8 @@ pub enum TrainError {
     Model(#[from] model::ModelError),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("training options: {0}")]
     Options(String),
     #[error("--resume: {0}")]

@@ -16,6 +16,13 @@ pub struct Sampling {
     /// Sample only from the smallest set of tokens whose probability reaches `top_p`.
     pub top_p: f64,
     pub seed: u64,
+    /// Generation ends when this token (an end-of-sequence) is chosen; it is not returned.
+    pub stop_at: Option<u32>,
+}
+
+impl Sampling {
+    /// The most likely token each time, no stop token.
+    pub const GREEDY: Self = Self { temperature: 0.0, top_p: 1.0, seed: 0, stop_at: None };
 }
 
 /// The index of the largest logit (the first one on ties).
@@ -57,7 +64,8 @@ fn sample(logits: &[f64], s: &Sampling, rng: &mut SplitMix64) -> usize {
     nucleus[nucleus.len() - 1].0
 }
 
-/// Continues `prompt` by up to `max_new` tokens (fewer if the context fills), calling
+/// Continues `prompt` by up to `max_new` tokens (fewer if the context fills or the stop token
+/// comes), calling
 /// `on_token` with each as soon as it is chosen; returns the new tokens.
 pub fn generate<R: Runtime, F: FloatElement>(
     device: &Device<R>,
@@ -87,6 +95,9 @@ pub fn generate<R: Runtime, F: FloatElement>(
     let mut last_row = prompt.len() - 1;
     while out.len() < max_new {
         let next = sample(&logits[last_row * vocab..(last_row + 1) * vocab], &sampling, &mut rng) as u32;
+        if sampling.stop_at == Some(next) {
+            break;
+        }
         out.push(next);
         on_token(next);
         if out.len() == max_new || cache.len >= capacity {

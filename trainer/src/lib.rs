@@ -4,6 +4,8 @@
 //! - [`corpus`]: the built-in corpus of the default run (generated text, byte tokens).
 //! - [`schedule`]: Llama 2's warm-up + cosine learning rate.
 //! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
+//! - [`sft`]: supervised fine-tuning data: JSON Lines, encoding, packing with answer-only targets.
+//! - [`tokenizer`]: `tokenizer.json` files, BPE training, the byte tokenizer.
 //! - [`train`]: the training loop, checkpoints and bit-identical resume.
 //! - [`eval`]: mean cross-entropy and perplexity of a model over a token file.
 //! - [`generate`]: KV-cache generation, greedy or temperature + top-p.
@@ -15,6 +17,8 @@ pub mod eval;
 pub mod generate;
 pub mod optimizer;
 pub mod schedule;
+pub mod sft;
+pub mod tokenizer;
 pub mod train;
 
 pub use error::{Result, TrainError};

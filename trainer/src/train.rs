@@ -17,10 +17,12 @@ use crate::data::{DetectedFormat, TokenStream};
 use crate::error::{Result, TrainError};
 use crate::optimizer::Optimizer;
 use crate::schedule::Schedule;
+use crate::sft::{Encoded, SftBatches, SftOptions};
+use crate::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement};
 use kernels::adamw::AdamW;
-use kernels::residual::scale;
+use kernels::cross_entropy::IGNORE_INDEX;
 use model::checkpoint::{self, SaveOptions};
 use model::{Activations, Llama, ModelError, Params};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -115,6 +117,9 @@ pub struct TrainState {
     pub options: TrainOptions,
     /// The training data's path, for the record.
     pub data: String,
+    /// Set for supervised fine-tuning runs.
+    #[serde(default)]
+    pub sft: Option<SftOptions>,
 }
 
 /// One optimizer step's figures.
@@ -158,29 +163,126 @@ pub fn split(stream: &TokenStream, options: &TrainOptions) -> Result<(TokenStrea
     Ok((part(&stream.tokens[..n - held]), Some(part(&stream.tokens[n - held..]))))
 }
 
+/// Encoded SFT examples (see [`crate::sft`]) and the held-out ones.
+pub struct SftData {
+    pub path: PathBuf,
+    pub train: Vec<Encoded>,
+    pub val: Vec<Encoded>,
+    /// The id the last micro-batch of an epoch is padded with (its targets are ignored).
+    pub pad: u32,
+    pub options: SftOptions,
+}
+
+/// What a run trains on.
+pub enum TrainData<'a> {
+    /// Pretraining on a token stream; its last `val_fraction` is held out.
+    Tokens(&'a TokenStream),
+    /// Supervised fine-tuning: packed examples, loss on answer tokens only.
+    Sft(SftData),
+}
+
+impl<'a> From<&'a TokenStream> for TrainData<'a> {
+    fn from(stream: &'a TokenStream) -> Self {
+        Self::Tokens(stream)
+    }
+}
+
+enum Source {
+    Stream { train: TokenStream, val: Option<TokenStream>, batches_per_epoch: u64 },
+    Sft { train: SftBatches, val: Option<SftBatches> },
+}
+
 /// A model being trained, with its gradients, buffers, optimizer and data.
 pub struct Trainer<R: Runtime, F: FloatElement> {
     pub model: Llama<R, F>,
     pub options: TrainOptions,
     pub state: TrainState,
+    /// Saved as `tokenizer.json` with every checkpoint when set.
+    pub tokenizer: Option<TextTokenizer>,
     grads: Params<R, F>,
     acts: Activations<R, F>,
     optimizer: Optimizer<R>,
-    train: TokenStream,
-    val: Option<TokenStream>,
-    batches_per_epoch: u64,
+    source: Source,
+}
+
+/// The state saved in checkpoint `dir`.
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(|_| {
+        TrainError::Resume(format!(
+            "{} is not a training checkpoint (no {STATE_FILE}; checkpoints are written by \
+             `cargo xtask train --out DIR` and `--save-every`)",
+            dir.display()
+        ))
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| TrainError::Resume(format!("{}: unreadable: {e}", state_path.display())))
+}
+
+/// The ids of a token list that reach past `vocab_size`: the first offender.
+fn first_out_of_vocabulary(tokens: impl Iterator<Item = u32>, vocab_size: usize) -> Option<(usize, u32)> {
+    tokens.enumerate().find(|&(_, id)| id as usize >= vocab_size)
 }
 
 impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     /// A fresh run of `model` on `data`.
-    pub fn new(
+    pub fn new<'a>(
         device: &Device<R>,
         model: Llama<R, F>,
         options: TrainOptions,
-        data: &TokenStream,
+        data: impl Into<TrainData<'a>>,
     ) -> Result<Self> {
         options.validate()?;
-        let (train, val) = split(data, &options)?;
+        let vocab_size = model.config.vocab_size;
+        let (source, path, sft) = match data.into() {
+            TrainData::Tokens(data) => {
+                let (train, val) = split(data, &options)?;
+                // Check every id once up front: a bad token is an error before any step runs.
+                if let Some((position, id)) = first_out_of_vocabulary(data.tokens.iter().copied(), vocab_size)
+                {
+                    return Err(crate::data::DataError::OutOfVocabulary {
+                        path: data.path.clone(),
+                        position,
+                        id,
+                        vocab_size,
+                    }
+                    .into());
+                }
+                let batches_per_epoch = train.batches(options.batch, options.seq_len) as u64;
+                (Source::Stream { train, val, batches_per_epoch }, data.path.clone(), None)
+            }
+            TrainData::Sft(data) => {
+                let all = data.train.iter().chain(&data.val).flat_map(|e| e.tokens.iter().copied());
+                if let Some((position, id)) = first_out_of_vocabulary(all.chain([data.pad]), vocab_size) {
+                    return Err(crate::data::DataError::OutOfVocabulary {
+                        path: data.path.clone(),
+                        position,
+                        id,
+                        vocab_size,
+                    }
+                    .into());
+                }
+                if data.train.is_empty() {
+                    return Err(TrainError::Options(format!(
+                        "{}: no training examples",
+                        data.path.display()
+                    )));
+                }
+                let batches = |examples: Vec<Encoded>, shuffle: bool| {
+                    SftBatches::new(
+                        data.path.clone(),
+                        examples,
+                        options.batch,
+                        options.seq_len,
+                        options.seed,
+                        shuffle,
+                        data.pad,
+                    )
+                };
+                let val = (!data.val.is_empty()).then(|| batches(data.val, false));
+                (Source::Sft { train: batches(data.train, true), val }, data.path, Some(data.options))
+            }
+        };
         let specs = model.config.parameters();
         let hp = AdamW {
             lr: options.lr,
@@ -192,39 +294,25 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let optimizer = Optimizer::new(device, &specs, hp, options.grad_clip)?;
         let grads = Params::zeros(device, &model.config)?;
         let acts = Activations::new(device, &model.config, options.batch, options.seq_len)?;
-        // Check every id once up front: a bad token is an error before any step runs.
-        if let Some(position) = data.tokens.iter().position(|&id| id as usize >= model.config.vocab_size) {
-            return Err(crate::data::DataError::OutOfVocabulary {
-                path: data.path.clone(),
-                position,
-                id: data.tokens[position],
-                vocab_size: model.config.vocab_size,
-            }
-            .into());
-        }
-        let batches_per_epoch = train.batches(options.batch, options.seq_len) as u64;
         let state = TrainState {
             step: 0,
             micro_batches: 0,
             options: options.clone(),
-            data: data.path.display().to_string(),
+            data: path.display().to_string(),
+            sft,
         };
-        Ok(Self { model, options, state, grads, acts, optimizer, train, val, batches_per_epoch })
+        Ok(Self { model, options, state, tokenizer: None, grads, acts, optimizer, source })
     }
 
-    /// Continues the run saved in `dir` on `data` (which must be the same stream), optionally
-    /// with a different step count.
-    pub fn resume(device: &Device<R>, dir: &Path, data: &TokenStream, steps: Option<u64>) -> Result<Self> {
-        let state_path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&state_path).map_err(|_| {
-            TrainError::Resume(format!(
-                "{} is not a training checkpoint (no {STATE_FILE}; checkpoints are written by \
-                 `cargo xtask train --out DIR` and `--save-every`)",
-                dir.display()
-            ))
-        })?;
-        let mut state: TrainState = serde_json::from_str(&text)
-            .map_err(|e| TrainError::Resume(format!("{}: unreadable: {e}", state_path.display())))?;
+    /// Continues the run saved in `dir` on `data` (which must be the same data), optionally
+    /// with a different step count. The checkpoint's `tokenizer.json`, if any, comes along.
+    pub fn resume<'a>(
+        device: &Device<R>,
+        dir: &Path,
+        data: impl Into<TrainData<'a>>,
+        steps: Option<u64>,
+    ) -> Result<Self> {
+        let mut state = read_state(dir)?;
         if let Some(steps) = steps {
             state.options.steps = steps;
         }
@@ -233,6 +321,10 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         trainer.optimizer.step = state.step;
         let moments = read_moments(&dir.join(OPTIMIZER_FILE), trainer.model.params.specs())?;
         trainer.optimizer.load_moments(device, &moments)?;
+        let tokenizer_path = dir.join(TOKENIZER_FILE);
+        if tokenizer_path.exists() {
+            trainer.tokenizer = Some(TextTokenizer::load(&tokenizer_path)?);
+        }
         trainer.state = state;
         Ok(trainer)
     }
@@ -243,43 +335,75 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 
     pub fn has_validation(&self) -> bool {
-        self.val.is_some()
+        match &self.source {
+            Source::Stream { val, .. } => val.is_some(),
+            Source::Sft { val, .. } => val.is_some(),
+        }
+    }
+
+    /// The micro-batches of the next optimizer step (inputs, targets).
+    fn next_micro_batches(&mut self) -> Result<Vec<(Vec<u32>, Vec<i32>)>> {
+        let (b, t, k) = (self.options.batch, self.options.seq_len, self.options.grad_accum);
+        let vocab = self.model.config.vocab_size;
+        let batches = match &mut self.source {
+            Source::Stream { train, batches_per_epoch, .. } => (0..k as u64)
+                .map(|i| {
+                    let index = ((self.state.micro_batches + i) % *batches_per_epoch) as usize;
+                    train.batch(index, b, t, vocab)
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()?,
+            Source::Sft { train, .. } => {
+                let (epoch, first) = train.locate(self.state.step, k);
+                let end = (first + k as u64).min(train.micro_batches(epoch));
+                (first..end).map(|m| train.batch(epoch, m)).collect()
+            }
+        };
+        self.state.micro_batches += batches.len() as u64;
+        Ok(batches)
+    }
+
+    /// Forward (and backward with `with_grad`) over `batches`, each micro-batch's loss divided
+    /// by the positions counted in all of them: the returned sum is the mean over every counted
+    /// position, and the accumulated gradient is its gradient.
+    fn run_batches(
+        &mut self,
+        device: &Device<R>,
+        batches: &[(Vec<u32>, Vec<i32>)],
+        with_grad: bool,
+    ) -> Result<f64> {
+        let (b, t) = (self.options.batch, self.options.seq_len);
+        let counted: usize =
+            batches.iter().map(|(_, targets)| targets.iter().filter(|&&x| x != IGNORE_INDEX).count()).sum();
+        let mut loss = 0.0f64;
+        for (inputs, targets) in batches {
+            let ids = self.model.token_ids(device, inputs, b, t)?;
+            let targets = self.model.targets(device, targets)?.with_denominator(counted);
+            self.model.forward(device, &mut self.acts, &ids)?;
+            self.model.loss(device, &mut self.acts, &targets, with_grad)?;
+            if with_grad {
+                self.model.backward(device, &mut self.acts, &ids, &mut self.grads)?;
+            }
+            loss += self.model.read_loss(device, &self.acts)? as f64;
+        }
+        Ok(loss)
     }
 
     /// One optimizer step: `grad_accum` micro-batches forward and backward, clip, AdamW.
     pub fn step(&mut self, device: &Device<R>) -> Result<StepReport> {
         let start = Instant::now();
-        let (b, t, k) = (self.options.batch, self.options.seq_len, self.options.grad_accum);
-        let vocab = self.model.config.vocab_size;
         self.grads.zero(device)?;
-        let mut loss_sum = 0.0f64;
-        for _ in 0..k {
-            let index = (self.state.micro_batches % self.batches_per_epoch) as usize;
-            let (inputs, targets) = self.train.batch(index, b, t, vocab)?;
-            let ids = self.model.token_ids(device, &inputs, b, t)?;
-            let targets = self.model.targets(device, &targets)?;
-            self.model.forward(device, &mut self.acts, &ids)?;
-            self.model.loss(device, &mut self.acts, &targets, true)?;
-            self.model.backward(device, &mut self.acts, &ids, &mut self.grads)?;
-            loss_sum += self.model.read_loss(device, &self.acts)? as f64;
-            self.state.micro_batches += 1;
-        }
-        let loss = loss_sum / k as f64;
+        let batches = self.next_micro_batches()?;
+        let loss = self.run_batches(device, &batches, true)?;
         let step = self.state.step;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { step, loss });
-        }
-        if k > 1 {
-            for g in self.grads.tensors_mut() {
-                scale(device, g, 1.0 / k as f32)?;
-            }
         }
         let lr = self.options.schedule().lr(step);
         self.optimizer.step(device, &mut self.model.params, &self.grads, lr)?;
         let grad_norm = self.optimizer.last_grad_norm(device)? as f64;
         self.state.step += 1;
         let seconds = start.elapsed().as_secs_f64();
-        let tokens = b * t * k;
+        let tokens = self.options.batch * self.options.seq_len * batches.len();
         Ok(StepReport {
             step,
             loss,
@@ -291,21 +415,31 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         })
     }
 
-    /// Mean loss over the first `val_batches` batches of the held-out slice.
+    /// Loss over the first `val_batches` batches of the held-out data: the mean of the batches'
+    /// means when pretraining, the mean over all answer tokens of those batches in SFT.
     pub fn validate(&mut self, device: &Device<R>) -> Result<Option<f64>> {
-        let Some(val) = &self.val else { return Ok(None) };
         let (b, t) = (self.options.batch, self.options.seq_len);
-        let batches = val.batches(b, t).min(self.options.val_batches).max(1);
-        let mut sum = 0.0;
-        for k in 0..batches {
-            let (inputs, targets) = val.batch(k, b, t, self.model.config.vocab_size)?;
-            let ids = self.model.token_ids(device, &inputs, b, t)?;
-            let targets = self.model.targets(device, &targets)?;
-            self.model.forward(device, &mut self.acts, &ids)?;
-            self.model.loss(device, &mut self.acts, &targets, false)?;
-            sum += self.model.read_loss(device, &self.acts)? as f64;
+        let vocab = self.model.config.vocab_size;
+        let wanted = self.options.val_batches.max(1);
+        match &mut self.source {
+            Source::Stream { val: Some(val), .. } => {
+                let count = val.batches(b, t).min(wanted).max(1);
+                let batches = (0..count)
+                    .map(|k| val.batch(k, b, t, vocab))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let mut sum = 0.0;
+                for batch in &batches {
+                    sum += self.run_batches(device, std::slice::from_ref(batch), false)?;
+                }
+                Ok(Some(sum / count as f64))
+            }
+            Source::Sft { val: Some(val), .. } => {
+                let count = val.micro_batches(0).min(wanted as u64);
+                let batches: Vec<_> = (0..count).map(|k| val.batch(0, k)).collect();
+                Ok(Some(self.run_batches(device, &batches, false)?))
+            }
+            _ => Ok(None),
         }
-        Ok(Some(sum / batches as f64))
     }
 
     /// Writes the model, optimizer state and trainer state to `dir` (atomically, as one).
@@ -314,8 +448,13 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let moments = self.optimizer.moments_to_host(device)?;
         let specs = self.model.params.specs();
         let state = serde_json::to_string_pretty(&self.state).expect("state serialises");
+        let tokenizer = self.tokenizer.as_ref().map(TextTokenizer::to_json).transpose()?;
         let extras = |staging: &Path| -> model::Result<()> {
             write_moments(&staging.join(OPTIMIZER_FILE), specs, &moments)?;
+            if let Some(json) = &tokenizer {
+                let path = staging.join(TOKENIZER_FILE);
+                std::fs::write(&path, json).map_err(|e| ModelError::io(&path, e))?;
+            }
             let path = staging.join(STATE_FILE);
             std::fs::write(&path, &state).map_err(|e| ModelError::io(&path, e))
         };
@@ -325,8 +464,14 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
 
     /// Greedy continuation of `prompt` by `new_tokens` tokens (KV-cache decoding).
     pub fn greedy_sample(&self, device: &Device<R>, prompt: &[u32], new_tokens: usize) -> Result<Vec<u32>> {
-        let greedy = crate::generate::Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-        crate::generate::generate(device, &self.model, prompt, new_tokens, greedy, |_| {})
+        crate::generate::generate(
+            device,
+            &self.model,
+            prompt,
+            new_tokens,
+            crate::generate::Sampling::GREEDY,
+            |_| {},
+        )
     }
 }
 

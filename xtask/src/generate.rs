@@ -6,8 +6,9 @@ use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
 use model::Llama;
 use std::io::Write;
 use std::path::PathBuf;
-use trainer::corpus;
 use trainer::generate::{Sampling, generate};
+use trainer::sft::{DEFAULT_SEPARATOR, SpecialIds};
+use trainer::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
@@ -16,16 +17,21 @@ pub struct GenerateArgs {
     /// Checkpoint directory (Hugging Face layout).
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text. Without --tokenizer it is read as UTF-8 bytes (token ids 0–255: the
-    /// byte-level models `cargo xtask train` makes on the built-in corpus).
+    /// Prompt text, encoded by the tokenizer (with its `<s>`).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
     /// The prompt as comma-separated token ids instead (output is printed as ids too).
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Vec<u32>,
-    /// A Hugging Face tokenizer.json (not supported yet).
+    /// A Hugging Face tokenizer.json (default: the model directory's).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Answer the prompt as an SFT model: `<s> prompt SEPARATOR`, stopping at `</s>`.
+    #[arg(long)]
+    answer: bool,
+    /// The separator of --answer.
+    #[arg(long, default_value = DEFAULT_SEPARATOR)]
+    separator: String,
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
     /// 0 is greedy.
@@ -41,12 +47,6 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let Some(backend) = args.backend.resolve_or_reexec()? else { return Ok(()) };
-    if let Some(path) = &args.tokenizer {
-        bail!(
-            "--tokenizer {}: tokenizer.json support is not written yet; pass --prompt-ids, or --prompt for a byte-level model",
-            path.display()
-        );
-    }
     if !(0.0..=1.0).contains(&args.top_p) || args.top_p == 0.0 || args.temperature < 0.0 {
         bail!("need 0 < --top-p ≤ 1 and --temperature ≥ 0");
     }
@@ -73,41 +73,51 @@ impl Generate<'_> {
         let args = self.args;
         let model = Llama::<R, F>::load(dev, &args.model)
             .with_context(|| format!("loading {}", args.model.display()))?;
-        let as_bytes = args.prompt_ids.is_empty();
-        let prompt = match &args.prompt {
-            Some(text) => corpus::byte_tokens(text),
-            None if !as_bytes => args.prompt_ids.clone(),
-            None => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+        let tokenizer_path = args.tokenizer.clone().unwrap_or_else(|| args.model.join(TOKENIZER_FILE));
+        let tokenizer = if tokenizer_path.exists() || args.tokenizer.is_some() {
+            let tokenizer = TextTokenizer::load(&tokenizer_path)?;
+            tokenizer
+                .check_fits(model.config.vocab_size, &format!("the model in {}", args.model.display()))?;
+            Some(tokenizer)
+        } else {
+            None
         };
-        if as_bytes && model.config.vocab_size < 256 {
-            bail!(
-                "a byte-level prompt needs a vocabulary of at least 256 (this model has {})",
-                model.config.vocab_size
-            );
-        }
-        let sampling = Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed };
+        let mut sampling =
+            Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed, stop_at: None };
+        let prompt = match (&args.prompt, &tokenizer) {
+            (Some(text), Some(tokenizer)) if args.answer => {
+                let ids = SpecialIds::of(tokenizer, &args.separator)?;
+                sampling.stop_at = Some(ids.eos);
+                ids.prompt_tokens(tokenizer, text)?
+            }
+            (Some(text), Some(tokenizer)) => tokenizer.encode(text, true)?,
+            (Some(_), None) => bail!(
+                "no tokenizer for --prompt: {} has no {TOKENIZER_FILE}; pass --tokenizer FILE or --prompt-ids 1,2,3",
+                args.model.display()
+            ),
+            (None, _) if !args.prompt_ids.is_empty() => args.prompt_ids.clone(),
+            (None, _) => bail!("give --prompt TEXT or --prompt-ids 1,2,3"),
+        };
         let mut stdout = std::io::stdout();
-        if as_bytes {
+        let mut decoder = tokenizer.as_ref().filter(|_| args.prompt.is_some()).map(|t| t.stream_decoder());
+        if decoder.is_some() && !args.answer {
             print!("{}", args.prompt.as_deref().unwrap_or_default());
         }
-        // Bytes of a multi-byte character arrive one by one: print whole characters only.
-        let mut pending: Vec<u8> = Vec::new();
+        let mut failure = None;
         generate(dev, &model, &prompt, args.max_new_tokens, sampling, |token| {
-            if as_bytes {
-                pending.push(u8::try_from(token).unwrap_or(b'?'));
-                if let Ok(text) = std::str::from_utf8(&pending) {
-                    print!("{text}");
-                    pending.clear();
-                } else if pending.len() >= 4 {
-                    print!("{}", String::from_utf8_lossy(&pending));
-                    pending.clear();
-                }
-            } else {
-                print!("{token} ");
+            match decoder.as_mut() {
+                Some(decoder) => match decoder.push(token) {
+                    Ok(text) => print!("{text}"),
+                    Err(e) => failure = Some(e),
+                },
+                None => print!("{token} "),
             }
             let _ = stdout.flush();
         })?;
         println!();
+        if let Some(e) = failure {
+            return Err(e.into());
+        }
         Ok(())
     }
 }

@@ -12,14 +12,17 @@
 //!   the built-in corpus, ending with a sample.
 //!
 //! - `cargo xtask generate --model DIR --prompt TEXT`: KV-cache generation, streamed.
-//!
-//! `sft` is not written yet.
+//! - `cargo xtask sft --model DIR --data FILE.jsonl`: supervised fine-tuning (loss on answers);
+//!   `cargo xtask sft-data`: the built-in instruction task (reverse a word) as JSON Lines.
 
 mod bench;
 mod cargo;
 mod eval;
 mod generate;
 mod init;
+mod peak;
+mod plot;
+mod sft;
 mod test;
 mod train;
 
@@ -66,6 +69,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Train a model (no arguments: a short run of the tiny preset on the built-in corpus).
     Train(Box<train::TrainArgs>),
+    /// Supervised fine-tuning on JSON Lines of {"prompt", "response"}: loss on answers only.
+    Sft(Box<sft::SftArgs>),
+    /// Write the built-in instruction task (reverse a word) as SFT JSON Lines.
+    SftData(sft::SftDataArgs),
     /// Mean cross-entropy and perplexity of a checkpoint over a token file.
     Eval(eval::EvalArgs),
     /// Continue a prompt with a checkpoint (KV cache; greedy at --temperature 0).
@@ -82,6 +89,8 @@ fn main() -> Result<()> {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),
+        Command::Sft(args) => sft::run(*args),
+        Command::SftData(args) => sft::data(args),
         Command::Eval(args) => eval::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::init(args),

@@ -1,0 +1,296 @@
+//! `cargo xtask sft`: supervised fine-tuning with Llama 2's recipe (loss on answer tokens only,
+//! examples packed into full sequences), and `cargo xtask sft-data`, the built-in instruction
+//! task for trying it.
+
+use crate::train::{TrainArgs, drive};
+use anyhow::{Context, Result, bail};
+use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
+use model::{Llama, LlamaConfig, Params};
+use std::io::Write;
+use std::path::PathBuf;
+use trainer::generate::{Sampling, generate};
+use trainer::sft::{self, DEFAULT_SEPARATOR, Encoded, Example, Overlong, SftBatches, SftOptions, SpecialIds};
+use trainer::tokenizer::TextTokenizer;
+use trainer::train::{SftData, TrainData, TrainOptions, Trainer, read_state};
+
+/// Sequences per optimizer step in Llama 2's SFT.
+const SFT_SEQUENCES_PER_STEP: usize = 64;
+
+#[derive(clap::Args)]
+pub struct SftArgs {
+    /// The training flags; for SFT --model (or --resume), --data (JSON Lines of
+    /// {"prompt", "response"}) and a tokenizer are required. Defaults: lr 2e-5, 64 sequences
+    /// per step (micro-batch × accumulation), seq-len 4096 capped by the model's context.
+    #[command(flatten)]
+    train: TrainArgs,
+    /// Passes over the examples (sets --steps unless that is given).
+    #[arg(long, default_value_t = 2)]
+    epochs: u64,
+    /// The special token between prompt and response (added to the tokenizer and the model's
+    /// vocabulary if missing).
+    #[arg(long, default_value = DEFAULT_SEPARATOR)]
+    separator: String,
+    /// What to do with an example longer than the sequence length: truncate or drop.
+    #[arg(long, default_value = "truncate", value_parser = parse_overlong)]
+    overlong: Overlong,
+}
+
+fn parse_overlong(s: &str) -> Result<Overlong, String> {
+    s.parse()
+}
+
+/// Llama 2's SFT recipe for a model with context `context`: lr 2e-5, cosine to 10%, wd 0.1,
+/// 64 sequences of min(4096, context) per step.
+fn sft_defaults(context: usize) -> TrainOptions {
+    TrainOptions {
+        lr: 2e-5,
+        seq_len: 4096.min(context),
+        batch: SFT_SEQUENCES_PER_STEP,
+        warmup: 0,
+        ..TrainOptions::default()
+    }
+}
+
+/// The micro-batch and accumulation that make `total` sequences per step: the largest power of
+/// two whose logits buffer (the largest) fits the device's buffer limit.
+fn split_batch(total: usize, seq: usize, vocab: usize, max_buffer_bytes: u64) -> (usize, usize) {
+    let mut micro = total.next_power_of_two().min(total);
+    while micro > 1 && (micro * seq * vocab * 4) as u64 > max_buffer_bytes {
+        micro /= 2;
+    }
+    (micro, total.div_ceil(micro))
+}
+
+/// Everything decided on the host before the device opens.
+struct Prepared {
+    tokenizer: TextTokenizer,
+    /// The vocabulary the model must have (grown for the separator if needed).
+    vocab_size: usize,
+    options: TrainOptions,
+    sft: SftOptions,
+    examples: Vec<Example>,
+    resume: Option<PathBuf>,
+    model: Option<PathBuf>,
+}
+
+pub fn run(args: SftArgs) -> Result<()> {
+    let Some(backend) = args.train.backend.resolve_or_reexec()? else { return Ok(()) };
+    let Some(data) = &args.train.data else {
+        bail!("sft needs --data FILE.jsonl (one {{\"prompt\": …, \"response\": …}} per line)")
+    };
+    if args.train.model.is_none() && args.train.resume.is_none() {
+        bail!("sft needs --model DIR (the checkpoint to fine-tune) or --resume DIR");
+    }
+    let examples = sft::read_jsonl(data)?;
+    eprintln!("data: {} — {} examples", data.display(), examples.len());
+    let prepared = if let Some(dir) = &args.train.resume {
+        let mut state = read_state(dir)?;
+        let Some(sft) = state.sft.clone() else {
+            bail!("--resume {}: a pretraining checkpoint; resume it with `cargo xtask train`", dir.display())
+        };
+        if let Some(steps) = args.train.steps {
+            state.options.steps = steps;
+        }
+        let tokenizer = args.train.given_tokenizer()?.context("the checkpoint has no tokenizer.json")?;
+        let vocab_size = args.train.config()?.vocab_size;
+        Prepared {
+            tokenizer,
+            vocab_size,
+            options: state.options,
+            sft,
+            examples,
+            resume: Some(dir.clone()),
+            model: None,
+        }
+    } else {
+        let Some(mut tokenizer) = args.train.given_tokenizer()? else {
+            bail!(
+                "sft needs a tokenizer: pass --tokenizer tokenizer.json, or fine-tune a checkpoint that has one \
+                 (`cargo xtask train` saves it with the model)"
+            )
+        };
+        let config = args.train.config()?;
+        tokenizer.check_fits(config.vocab_size, "the model")?;
+        let separator = tokenizer.add_special(&args.separator);
+        let vocab_size = config.vocab_size.max(tokenizer.vocab_size());
+        if vocab_size > config.vocab_size {
+            eprintln!(
+                "added {} (id {separator}) to the tokenizer; the vocabulary grows from {} to {vocab_size}",
+                args.separator, config.vocab_size
+            );
+        }
+        let options = sft_options(&args, &config)?;
+        let sft =
+            SftOptions { epochs: args.epochs, separator: args.separator.clone(), overlong: args.overlong };
+        Prepared {
+            tokenizer,
+            vocab_size,
+            options,
+            sft,
+            examples,
+            resume: None,
+            model: args.train.model.clone(),
+        }
+    };
+    dsl::on_device(backend, Sft { args: &args, prepared, data: data.clone() })?
+}
+
+/// The options: Llama 2's SFT recipe under the flags given. The micro-batch split is settled
+/// on the device (it depends on the buffer limit).
+fn sft_options(args: &SftArgs, config: &LlamaConfig) -> Result<TrainOptions> {
+    let options = args.train.options_over(sft_defaults(config.max_position_embeddings));
+    if options.seq_len > config.max_position_embeddings {
+        bail!(
+            "--seq-len {} exceeds the model's context of {}",
+            options.seq_len,
+            config.max_position_embeddings
+        );
+    }
+    if args.epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    Ok(options)
+}
+
+struct Sft<'a> {
+    args: &'a SftArgs,
+    prepared: Prepared,
+    data: PathBuf,
+}
+
+impl OnDevice for Sft<'_> {
+    type Output = Result<()>;
+    fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
+        eprintln!("device: {}", dev.info());
+        match self.args.train.dtype.as_str() {
+            "f16" => self.run_as::<R, half::f16>(dev),
+            "bf16" => self.run_as::<R, half::bf16>(dev),
+            _ => self.run_as::<R, f32>(dev),
+        }
+    }
+}
+
+impl Sft<'_> {
+    fn run_as<R: BackendRuntime, F: FloatElement>(self, dev: &Device<R>) -> Result<()> {
+        let Prepared { tokenizer, vocab_size, mut options, sft, examples, resume, model } = self.prepared;
+        let train_args = &self.args.train;
+        if resume.is_none() {
+            // 64 sequences per step, through accumulation when a micro-batch would not fit.
+            let total = SFT_SEQUENCES_PER_STEP;
+            (options.batch, options.grad_accum) = match (train_args.batch, train_args.grad_accum) {
+                (Some(b), Some(k)) => (b, k),
+                (Some(b), None) => (b, total.div_ceil(b)),
+                (None, Some(k)) => (total.div_ceil(k), k),
+                (None, None) => split_batch(total, options.seq_len, vocab_size, dev.info().max_buffer_bytes),
+            };
+        }
+        let ids = SpecialIds::of(&tokenizer, &sft.separator)?;
+        // A row holds seq + 1 tokens (inputs and the shifted targets).
+        let (encoded, report) = sft::encode(&tokenizer, ids, &examples, options.seq_len + 1, sft.overlong)?;
+        eprintln!(
+            "encoded: {} examples kept ({} truncated, {} dropped as longer than {} tokens); {} tokens, {} of them answer tokens",
+            report.kept,
+            report.truncated,
+            report.dropped,
+            options.seq_len,
+            report.tokens,
+            report.answer_tokens
+        );
+        let held = (encoded.len() as f64 * options.val_fraction) as usize;
+        let (train, val): (Vec<Encoded>, Vec<Encoded>) = {
+            let mut train = encoded;
+            let val = train.split_off(train.len() - held);
+            (train, val)
+        };
+        let mut counter = SftBatches::new(
+            self.data.clone(),
+            train.clone(),
+            options.batch,
+            options.seq_len,
+            options.seed,
+            true,
+            ids.eos,
+        );
+        let epoch_steps = counter.steps_for_epochs(sft.epochs, options.grad_accum);
+        if resume.is_none() && train_args.steps.is_none() {
+            options.steps = epoch_steps;
+        }
+        eprintln!(
+            "{} training examples, {} held out; {} epochs = {epoch_steps} steps",
+            train.len(),
+            val.len(),
+            sft.epochs
+        );
+        let data = SftData { path: self.data.clone(), train, val, pad: ids.eos, options: sft };
+        let control = train_args.run_control("runs/sft");
+        control.check_out()?;
+        let mut trainer = match (&resume, &model) {
+            (Some(dir), _) => {
+                let t = Trainer::<R, F>::resume(dev, dir, TrainData::Sft(data), train_args.steps)?;
+                eprintln!("resuming {} at step {}", dir.display(), t.state.step);
+                t
+            }
+            (None, Some(dir)) => {
+                let checkpoint =
+                    model::checkpoint::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+                let mut tensors = checkpoint.tensors;
+                let config = model::init::grow_vocab(&checkpoint.config, &mut tensors, vocab_size);
+                let params = Params::from_host(dev, &config, &tensors)?;
+                let model = Llama::new(dev, config, params)?;
+                Trainer::new(dev, model, options, TrainData::Sft(data))?
+            }
+            (None, None) => unreachable!("checked before the device opened"),
+        };
+        trainer.tokenizer = Some(tokenizer.clone());
+        drive(dev, &mut trainer, &control)?;
+        // Show the fine-tuned model on a few held-out prompts.
+        for example in examples[examples.len() - held.min(3)..].iter() {
+            let prompt = ids.prompt_tokens(&tokenizer, &example.prompt)?;
+            let sampling = Sampling { stop_at: Some(ids.eos), ..Sampling::GREEDY };
+            let answer = generate(dev, &trainer.model, &prompt, 64, sampling, |_| {})?;
+            println!(
+                "held out: {:?} → {:?} (expected {:?})",
+                example.prompt,
+                tokenizer.decode(&answer, true)?,
+                example.response
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+pub struct SftDataArgs {
+    /// Where the JSON Lines go.
+    #[arg(long, default_value = "runs/reverse.jsonl")]
+    out: PathBuf,
+    /// Examples to write.
+    #[arg(long, default_value_t = 4000)]
+    examples: usize,
+    /// Longest word.
+    #[arg(long, default_value_t = 5)]
+    max_len: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Writes the built-in instruction task: reverse a random lowercase word.
+pub fn data(args: SftDataArgs) -> Result<()> {
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut file = std::io::BufWriter::new(
+        std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
+    );
+    for example in sft::reversal_task(args.examples, args.max_len, args.seed) {
+        writeln!(file, "{}", serde_json::to_string(&example)?)?;
+    }
+    file.flush()?;
+    eprintln!(
+        "wrote {} examples to {} (prompt: a word of 2–{} letters, response: the word reversed)",
+        args.examples,
+        args.out.display(),
+        args.max_len
+    );
+    Ok(())
+}
