@@ -9,7 +9,7 @@ use model::{Activations, Llama, LlamaConfig, Params};
 use std::path::PathBuf;
 use tests::*;
 use trainer::generate::{Sampling, generate};
-use trainer::sft::{self, Encoded, Example, Overlong, SftBatches, SftOptions, SpecialIds};
+use trainer::sft::{self, Encoded, Example, Overlong, Packing, SftBatches, SftOptions, SpecialIds};
 use trainer::tokenizer::TextTokenizer;
 use trainer::train::{SftData, TrainData, TrainOptions, Trainer};
 
@@ -18,6 +18,10 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+fn packing(batch: usize, seq: usize, seed: u64, ids: SpecialIds) -> Packing {
+    Packing { batch, seq, seed, shuffle: true, pad: ids.eos }
 }
 
 /// The byte tokenizer with the default separator (id 258).
@@ -82,7 +86,7 @@ fn packed_rows_hold_whole_examples_and_count_every_answer_once_per_epoch() {
     let examples = sft::reversal_task(40, 5, 1);
     let (batch, seq) = (2, 16);
     let (encoded, report) = sft::encode(&t, ids, &examples, seq + 1, Overlong::Truncate).unwrap();
-    let mut batches = SftBatches::new("x".into(), encoded.clone(), batch, seq, 7, true, ids.eos);
+    let mut batches = SftBatches::new("x".into(), encoded.clone(), packing(batch, seq, 7, ids));
     for epoch in 0..2 {
         let order = batches.order(epoch);
         let mut sorted = order.clone();
@@ -130,7 +134,7 @@ fn packed_rows_hold_whole_examples_and_count_every_answer_once_per_epoch() {
         assert_eq!(counted, report.answer_tokens, "epoch {epoch}: each answer token exactly once");
     }
     assert_ne!(batches.order(0), batches.order(1), "each epoch has its own order");
-    let mut again = SftBatches::new("x".into(), encoded, batch, seq, 7, true, ids.eos);
+    let mut again = SftBatches::new("x".into(), encoded, packing(batch, seq, 7, ids));
     assert_eq!(again.order(1), batches.order(1), "the order depends on the seed and epoch only");
     // Steps: each epoch's own count, and a step number maps back to its epoch.
     let (s0, s1) = (again.steps_in_epoch(0, 2), again.steps_in_epoch(1, 2));
@@ -288,8 +292,8 @@ fn learns_reversal<R: BackendRuntime>(dev: &Device<R>) {
         ..TrainOptions::default()
     };
     let epochs = 10;
-    let steps = SftBatches::new("x".into(), encoded.clone(), batch, seq, 0, true, ids.eos)
-        .steps_for_epochs(epochs, 1);
+    let steps =
+        SftBatches::new("x".into(), encoded.clone(), packing(batch, seq, 0, ids)).steps_for_epochs(epochs, 1);
     let options = TrainOptions { steps, ..options };
     let data = SftData {
         path: "reversal".into(),

@@ -172,15 +172,26 @@ pub fn encode(
     Ok((out, report))
 }
 
+/// How examples are packed into micro-batches.
+#[derive(Clone, Copy, Debug)]
+pub struct Packing {
+    /// Rows per micro-batch.
+    pub batch: usize,
+    /// Inputs per row (a row holds `seq + 1` tokens).
+    pub seq: usize,
+    /// Seeds the per-epoch order.
+    pub seed: u64,
+    /// Off keeps the file's order in every epoch (held-out sets).
+    pub shuffle: bool,
+    /// The id of padding (its targets are ignored).
+    pub pad: u32,
+}
+
 /// Packed, masked micro-batches over a set of encoded examples (see the module's rule).
 pub struct SftBatches {
     pub path: PathBuf,
     examples: Vec<Encoded>,
-    batch: usize,
-    seq: usize,
-    seed: u64,
-    shuffle: bool,
-    pad: u32,
+    packing: Packing,
     /// Micro-batches of each epoch counted so far.
     micro_batches: Vec<u64>,
     /// The current epoch's rows, `seq + 1` tokens each, and whether each token is an answer.
@@ -188,19 +199,11 @@ pub struct SftBatches {
 }
 
 impl SftBatches {
-    /// `shuffle` off keeps the file's order in every epoch (held-out sets). Every example must
-    /// have at most `seq + 1` tokens ([`encode`] with `max_tokens ≤ seq + 1` ensures it).
-    pub fn new(
-        path: PathBuf,
-        examples: Vec<Encoded>,
-        batch: usize,
-        seq: usize,
-        seed: u64,
-        shuffle: bool,
-        pad: u32,
-    ) -> Self {
-        assert!(examples.iter().all(|e| e.tokens.len() <= seq + 1), "examples longer than a row");
-        Self { path, examples, batch, seq, seed, shuffle, pad, micro_batches: Vec::new(), cached: None }
+    /// Every example must have at most `seq + 1` tokens ([`encode`] with `max_tokens ≤ seq + 1`
+    /// ensures it).
+    pub fn new(path: PathBuf, examples: Vec<Encoded>, packing: Packing) -> Self {
+        assert!(examples.iter().all(|e| e.tokens.len() <= packing.seq + 1), "examples longer than a row");
+        Self { path, examples, packing, micro_batches: Vec::new(), cached: None }
     }
 
     pub fn examples(&self) -> usize {
@@ -210,8 +213,9 @@ impl SftBatches {
     /// The order of the examples in `epoch` (Fisher–Yates from a seeded generator).
     pub fn order(&self, epoch: u64) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        if self.shuffle {
-            let mut rng = SplitMix64(self.seed ^ 0x5F7_5EED ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        if self.packing.shuffle {
+            let mut rng =
+                SplitMix64(self.packing.seed ^ 0x5F7_5EED ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             for i in (1..order.len()).rev() {
                 let j = (rng.next_u64() % (i as u64 + 1)) as usize;
                 order.swap(i, j);
@@ -222,7 +226,7 @@ impl SftBatches {
 
     /// Where each example of `order` starts: (row, offset in the row).
     fn placements(&self, order: &[usize]) -> (Vec<(usize, usize)>, usize) {
-        let row_len = self.seq + 1;
+        let row_len = self.packing.seq + 1;
         let (mut row, mut fill) = (0, 0);
         let mut places = Vec::with_capacity(order.len());
         for &i in order {
@@ -242,7 +246,7 @@ impl SftBatches {
         while self.micro_batches.len() as u64 <= epoch {
             let e = self.micro_batches.len() as u64;
             let (_, rows) = self.placements(&self.order(e));
-            self.micro_batches.push(rows.div_ceil(self.batch).max(1) as u64);
+            self.micro_batches.push(rows.div_ceil(self.packing.batch).max(1) as u64);
         }
         self.micro_batches[epoch as usize]
     }
@@ -274,8 +278,8 @@ impl SftBatches {
         if self.cached.as_ref().is_none_or(|c| c.0 != epoch) {
             let order = self.order(epoch);
             let (places, rows) = self.placements(&order);
-            let row_len = self.seq + 1;
-            let mut tokens = vec![self.pad; rows * row_len];
+            let row_len = self.packing.seq + 1;
+            let mut tokens = vec![self.packing.pad; rows * row_len];
             let mut answer = vec![false; rows * row_len];
             for (&i, &(row, offset)) in order.iter().zip(&places) {
                 let e = &self.examples[i];
@@ -292,7 +296,7 @@ impl SftBatches {
     /// Inputs and targets of micro-batch `k` of `epoch` (`B` rows of `T`); targets that are not
     /// answer tokens, and padding, are `-100`.
     pub fn batch(&mut self, epoch: u64, k: u64) -> (Vec<u32>, Vec<i32>) {
-        let (batch, seq, pad) = (self.batch, self.seq, self.pad);
+        let Packing { batch, seq, pad, .. } = self.packing;
         let (tokens, answer) = self.rows(epoch);
         let rows = tokens.len() / (seq + 1);
         let mut inputs = Vec::with_capacity(batch * seq);

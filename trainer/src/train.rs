@@ -17,7 +17,7 @@ use crate::data::{DetectedFormat, TokenStream};
 use crate::error::{Result, TrainError};
 use crate::optimizer::Optimizer;
 use crate::schedule::Schedule;
-use crate::sft::{Encoded, SftBatches, SftOptions};
+use crate::sft::{Encoded, Packing, SftBatches, SftOptions};
 use crate::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement};
@@ -219,9 +219,18 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
         .map_err(|e| TrainError::Resume(format!("{}: unreadable: {e}", state_path.display())))
 }
 
-/// The ids of a token list that reach past `vocab_size`: the first offender.
-fn first_out_of_vocabulary(tokens: impl Iterator<Item = u32>, vocab_size: usize) -> Option<(usize, u32)> {
-    tokens.enumerate().find(|&(_, id)| id as usize >= vocab_size)
+/// Refuses the first id of `tokens` (read from `path`) that reaches past `vocab_size`.
+fn check_vocabulary(path: &Path, tokens: impl Iterator<Item = u32>, vocab_size: usize) -> Result<()> {
+    match tokens.enumerate().find(|&(_, id)| id as usize >= vocab_size) {
+        Some((position, id)) => Err(crate::data::DataError::OutOfVocabulary {
+            path: path.to_path_buf(),
+            position,
+            id,
+            vocab_size,
+        }
+        .into()),
+        None => Ok(()),
+    }
 }
 
 impl<R: Runtime, F: FloatElement> Trainer<R, F> {
@@ -238,30 +247,13 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             TrainData::Tokens(data) => {
                 let (train, val) = split(data, &options)?;
                 // Check every id once up front: a bad token is an error before any step runs.
-                if let Some((position, id)) = first_out_of_vocabulary(data.tokens.iter().copied(), vocab_size)
-                {
-                    return Err(crate::data::DataError::OutOfVocabulary {
-                        path: data.path.clone(),
-                        position,
-                        id,
-                        vocab_size,
-                    }
-                    .into());
-                }
+                check_vocabulary(&data.path, data.tokens.iter().copied(), vocab_size)?;
                 let batches_per_epoch = train.batches(options.batch, options.seq_len) as u64;
                 (Source::Stream { train, val, batches_per_epoch }, data.path.clone(), None)
             }
             TrainData::Sft(data) => {
                 let all = data.train.iter().chain(&data.val).flat_map(|e| e.tokens.iter().copied());
-                if let Some((position, id)) = first_out_of_vocabulary(all.chain([data.pad]), vocab_size) {
-                    return Err(crate::data::DataError::OutOfVocabulary {
-                        path: data.path.clone(),
-                        position,
-                        id,
-                        vocab_size,
-                    }
-                    .into());
-                }
+                check_vocabulary(&data.path, all.chain([data.pad]), vocab_size)?;
                 if data.train.is_empty() {
                     return Err(TrainError::Options(format!(
                         "{}: no training examples",
@@ -269,15 +261,14 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
                     )));
                 }
                 let batches = |examples: Vec<Encoded>, shuffle: bool| {
-                    SftBatches::new(
-                        data.path.clone(),
-                        examples,
-                        options.batch,
-                        options.seq_len,
-                        options.seed,
+                    let packing = Packing {
+                        batch: options.batch,
+                        seq: options.seq_len,
+                        seed: options.seed,
                         shuffle,
-                        data.pad,
-                    )
+                        pad: data.pad,
+                    };
+                    SftBatches::new(data.path.clone(), examples, packing)
                 };
                 let val = (!data.val.is_empty()).then(|| batches(data.val, false));
                 (Source::Sft { train: batches(data.train, true), val }, data.path, Some(data.options))

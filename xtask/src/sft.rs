@@ -9,7 +9,9 @@ use model::{Llama, LlamaConfig, Params};
 use std::io::Write;
 use std::path::PathBuf;
 use trainer::generate::{Sampling, generate};
-use trainer::sft::{self, DEFAULT_SEPARATOR, Encoded, Example, Overlong, SftBatches, SftOptions, SpecialIds};
+use trainer::sft::{
+    self, DEFAULT_SEPARATOR, Encoded, Example, Overlong, Packing, SftBatches, SftOptions, SpecialIds,
+};
 use trainer::tokenizer::TextTokenizer;
 use trainer::train::{SftData, TrainData, TrainOptions, Trainer, read_state};
 
@@ -202,15 +204,14 @@ impl Sft<'_> {
             let val = train.split_off(train.len() - held);
             (train, val)
         };
-        let mut counter = SftBatches::new(
-            self.data.clone(),
-            train.clone(),
-            options.batch,
-            options.seq_len,
-            options.seed,
-            true,
-            ids.eos,
-        );
+        let packing = Packing {
+            batch: options.batch,
+            seq: options.seq_len,
+            seed: options.seed,
+            shuffle: true,
+            pad: ids.eos,
+        };
+        let mut counter = SftBatches::new(self.data.clone(), train.clone(), packing);
         let epoch_steps = counter.steps_for_epochs(sft.epochs, options.grad_accum);
         if resume.is_none() && train_args.steps.is_none() {
             options.steps = epoch_steps;
