@@ -21,8 +21,12 @@
 //! head-dimension loops unrolled); tile sizes come from the device's shared memory. Sequence
 //! lengths, head counts and the position offset are runtime values.
 //!
-//! This is the portable path (plain f32 arithmetic). A tensor-core (cmma) path for CUDA is not
-//! written yet.
+//! Two sets of kernels ([`AttentionKernel`]): the portable ones (plain f32 arithmetic, one unit
+//! per query or key row; every device, and what the lavapipe tests cover) and, for f16/bf16
+//! where the device has matrix instructions (CUDA), the tensor-core ones in
+//! [`crate::attention_cmma`]. [`attention_forward`] picks the best available;
+//! [`attention_forward_with`] picks explicitly.
+//! The backward likewise ([`attention_backward`], [`attention_backward_with`]).
 
 use cubecl::prelude::*;
 use dsl::{Device, Error, FloatElement, GpuTensor, Result};
@@ -41,6 +45,38 @@ pub struct AttentionConfig {
     pub block_q: u32,
     /// Key rows per shared-memory tile.
     pub block_kv: u32,
+}
+
+/// Which kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttentionKernel {
+    /// Plain f32 arithmetic, one unit per query (or key) row: every device and element type.
+    Portable,
+    /// Matrix instructions (CubeCL's cmma: CUDA wmma) for every product: f16/bf16 on CUDA.
+    TensorCores,
+}
+
+impl AttentionKernel {
+    /// The fastest kernel `device` runs for `F`.
+    pub fn best<R: Runtime, F: FloatElement>(device: &Device<R>) -> Self {
+        if crate::attention_cmma::available::<R, F>(device) { Self::TensorCores } else { Self::Portable }
+    }
+
+    /// Every kernel `device` runs for `F`, portable first.
+    pub fn available<R: Runtime, F: FloatElement>(device: &Device<R>) -> Vec<Self> {
+        let mut kernels = vec![Self::Portable];
+        if Self::best::<R, F>(device) == Self::TensorCores {
+            kernels.push(Self::TensorCores);
+        }
+        kernels
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            Self::TensorCores => "tensor cores",
+        }
+    }
 }
 
 /// Sizes of one attention call.
@@ -111,7 +147,7 @@ fn load_kv_tile<F: Float, N: Size>(
 
 /// Whether the query at position `q_pos` sees key `j` (of `kv_len` filled).
 #[cube]
-fn sees(q_pos: usize, j: usize, kv_len: u32, #[comptime] causal: bool) -> bool {
+pub(crate) fn sees(q_pos: usize, j: usize, kv_len: u32, #[comptime] causal: bool) -> bool {
     let mut visible = j < kv_len as usize;
     if comptime!(causal) {
         visible = visible && j <= q_pos;
@@ -122,7 +158,7 @@ fn sees(q_pos: usize, j: usize, kv_len: u32, #[comptime] causal: bool) -> bool {
 /// Keys a cube of `block_q` query rows (block `CUBE_POS_X`) must visit: all filled ones, or
 /// (causal) those up to its last query's position.
 #[cube]
-fn keys_needed(
+pub(crate) fn keys_needed(
     q_len: u32,
     kv_len: u32,
     position_offset: u32,
@@ -578,53 +614,139 @@ fn check_inputs<R: Runtime, F: FloatElement>(
     Ok(AttentionShape { batch, q_len, kv_len, kv_capacity, q_heads, kv_heads, head_dim, position_offset })
 }
 
+fn check_kernel_available<R: Runtime, F: FloatElement>(
+    op: &'static str,
+    device: &Device<R>,
+    kernel: AttentionKernel,
+) -> Result<()> {
+    if kernel == AttentionKernel::TensorCores && !crate::attention_cmma::available::<R, F>(device) {
+        return Err(Error::Unsupported {
+            op,
+            message: format!(
+                "the tensor-core kernels need f16 or bf16 on a device with 16×16×16 matrix instructions and \
+                 32-unit planes; {} on {} has none for {}",
+                device.info().runtime_name,
+                device.info().device,
+                F::DTYPE
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The kernel set's comptime configuration and units per cube.
+fn kernel_config<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    kernel: AttentionKernel,
+    head_dim: usize,
+    causal: bool,
+) -> (AttentionConfig, u32) {
+    match kernel {
+        AttentionKernel::Portable => {
+            let cfg = AttentionConfig::select(device, head_dim, causal);
+            (cfg, cfg.block_q)
+        }
+        AttentionKernel::TensorCores => {
+            let cfg = crate::attention_cmma::config::<R, F>(device, head_dim, causal);
+            (cfg, crate::attention_cmma::cube_units(&cfg))
+        }
+    }
+}
+
 fn launch_forward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
+    kernel: AttentionKernel,
     out: &mut GpuTensor<R, F>,
     lse: &mut GpuTensor<R, f32>,
     q: &GpuTensor<R, F>,
     k: &GpuTensor<R, F>,
     v: &GpuTensor<R, F>,
     shape: AttentionShape,
-    cfg: AttentionConfig,
+    causal: bool,
 ) -> Result<()> {
     const OP: &str = "attention_forward";
     Error::check_shape(OP, "out", out.shape(), q.shape())?;
     Error::check_shape(OP, "lse", lse.shape(), &[shape.batch, shape.q_heads, shape.q_len])?;
+    check_kernel_available::<R, F>(OP, device, kernel)?;
     if shape.batch * shape.q_len == 0 {
         return Ok(());
     }
-    let blocks = shape.q_len.div_ceil(cfg.block_q as usize) as u32;
-    // SAFETY: query rows are guarded by `i < q_len`, key rows by `j < kv_len ≤ kv_capacity`;
-    // head indices are < Hq, Hkv by construction (h < Hq from the grid, kvh = h / group);
-    // head_dim equals the compiled one (checked), so d < hd/4 stays inside each row.
+    let (cfg, units) = kernel_config::<R, F>(device, kernel, shape.head_dim, causal);
+    let count = CubeCount::Static(
+        shape.q_len.div_ceil(cfg.block_q as usize) as u32,
+        (shape.batch * shape.q_heads) as u32,
+        1,
+    );
+    let scale = 1.0 / (shape.head_dim as f32).sqrt();
+    // SAFETY (both kernels): query rows are guarded by `i < q_len`, key rows by
+    // `j < kv_len ≤ kv_capacity`; head indices are < Hq, Hkv by construction (h < Hq from the
+    // grid, kvh = h / group); head_dim equals the compiled one (checked), so every row access
+    // stays inside its row. Shared-memory tiles are indexed below their comptime sizes.
     unsafe {
-        attention_forward_kernel::launch_unchecked::<F, R>(
-            device.client(),
-            CubeCount::Static(blocks, (shape.batch * shape.q_heads) as u32, 1),
-            CubeDim::new_1d(cfg.block_q),
-            VEC,
-            out.as_array_arg(),
-            lse.as_array_arg(),
-            q.as_array_arg(),
-            k.as_array_arg(),
-            v.as_array_arg(),
-            shape.q_len as u32,
-            shape.kv_len as u32,
-            shape.kv_capacity as u32,
-            shape.q_heads as u32,
-            shape.kv_heads as u32,
-            shape.position_offset as u32,
-            1.0 / (shape.head_dim as f32).sqrt(),
-            cfg,
-        );
+        match kernel {
+            AttentionKernel::Portable => attention_forward_kernel::launch_unchecked::<F, R>(
+                device.client(),
+                count,
+                CubeDim::new_1d(units),
+                VEC,
+                out.as_array_arg(),
+                lse.as_array_arg(),
+                q.as_array_arg(),
+                k.as_array_arg(),
+                v.as_array_arg(),
+                shape.q_len as u32,
+                shape.kv_len as u32,
+                shape.kv_capacity as u32,
+                shape.q_heads as u32,
+                shape.kv_heads as u32,
+                shape.position_offset as u32,
+                scale,
+                cfg,
+            ),
+            AttentionKernel::TensorCores => {
+                crate::attention_cmma::attention_forward_cmma_kernel::launch_unchecked::<F, R>(
+                    device.client(),
+                    count,
+                    CubeDim::new_1d(units),
+                    VEC,
+                    out.as_array_arg(),
+                    lse.as_array_arg(),
+                    q.as_array_arg(),
+                    k.as_array_arg(),
+                    v.as_array_arg(),
+                    shape.q_len as u32,
+                    shape.kv_len as u32,
+                    shape.kv_capacity as u32,
+                    shape.q_heads as u32,
+                    shape.kv_heads as u32,
+                    shape.position_offset as u32,
+                    scale,
+                    cfg,
+                )
+            }
+        }
     }
     Ok(())
 }
 
-/// Training forward: q, k, v of the same length T (`position_offset` 0), `out =`, `lse =`.
+/// Training forward: q, k, v of the same length T (`position_offset` 0), `out =`, `lse =`, with
+/// the best kernel for the device ([`AttentionKernel::best`]).
 pub fn attention_forward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    lse: &mut GpuTensor<R, f32>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    causal: bool,
+) -> Result<()> {
+    attention_forward_with(device, AttentionKernel::best::<R, F>(device), out, lse, q, k, v, causal)
+}
+
+/// [`attention_forward`] with the given kernel; one the device lacks is an error.
+pub fn attention_forward_with<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    kernel: AttentionKernel,
     out: &mut GpuTensor<R, F>,
     lse: &mut GpuTensor<R, f32>,
     q: &GpuTensor<R, F>,
@@ -644,8 +766,7 @@ pub fn attention_forward<R: Runtime, F: FloatElement>(
             ),
         });
     }
-    let cfg = AttentionConfig::select(device, shape.head_dim, causal);
-    launch_forward(device, out, lse, q, k, v, shape, cfg)
+    launch_forward(device, kernel, out, lse, q, k, v, shape, causal)
 }
 
 /// Decoding: `q` holds the `Tq` newest positions `position_offset..position_offset + Tq`
@@ -662,14 +783,34 @@ pub fn attention_decode<R: Runtime, F: FloatElement>(
     position_offset: usize,
 ) -> Result<()> {
     let shape = check_inputs("attention_decode", device, q, k_cache, v_cache, kv_len, position_offset, true)?;
-    let cfg = AttentionConfig::select(device, shape.head_dim, true);
-    launch_forward(device, out, lse, q, k_cache, v_cache, shape, cfg)
+    let kernel = AttentionKernel::best::<R, F>(device);
+    launch_forward(device, kernel, out, lse, q, k_cache, v_cache, shape, true)
 }
 
-/// Backward of [`attention_forward`]: `dq =`, `dk =`, `dv =`. `delta` is a `[B, Hq, T]` f32
-/// scratch (overwritten).
+/// Backward of [`attention_forward`]: `dq =`, `dk =`, `dv =`, with the best kernels for the
+/// device. `delta` is a `[B, Hq, T]` f32 scratch (overwritten).
 pub fn attention_backward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
+    dq: &mut GpuTensor<R, F>,
+    dk: &mut GpuTensor<R, F>,
+    dv: &mut GpuTensor<R, F>,
+    delta: &mut GpuTensor<R, f32>,
+    dout: &GpuTensor<R, F>,
+    q: &GpuTensor<R, F>,
+    k: &GpuTensor<R, F>,
+    v: &GpuTensor<R, F>,
+    out: &GpuTensor<R, F>,
+    lse: &GpuTensor<R, f32>,
+    causal: bool,
+) -> Result<()> {
+    let kernel = AttentionKernel::best::<R, F>(device);
+    attention_backward_with(device, kernel, dq, dk, dv, delta, dout, q, k, v, out, lse, causal)
+}
+
+/// [`attention_backward`] with the given kernels; ones the device lacks are an error.
+pub fn attention_backward_with<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    kernel: AttentionKernel,
     dq: &mut GpuTensor<R, F>,
     dk: &mut GpuTensor<R, F>,
     dv: &mut GpuTensor<R, F>,
@@ -699,10 +840,10 @@ pub fn attention_backward<R: Runtime, F: FloatElement>(
     let stats = [shape.batch, shape.q_heads, shape.q_len];
     Error::check_shape(OP, "lse", lse.shape(), &stats)?;
     Error::check_shape(OP, "delta", delta.shape(), &stats)?;
+    check_kernel_available::<R, F>(OP, device, kernel)?;
     if shape.batch * shape.q_len == 0 {
         return Ok(());
     }
-    let cfg = AttentionConfig::select(device, shape.head_dim, causal);
     let scale = 1.0 / (shape.head_dim as f32).sqrt();
     let rows = shape.batch * shape.q_len * shape.q_heads;
     let (count, dim) = dsl::launch::elementwise_grid(device, rows);
@@ -719,58 +860,112 @@ pub fn attention_backward<R: Runtime, F: FloatElement>(
             shape.q_len as u32,
             shape.q_heads as u32,
             rows as u32,
-            cfg.head_dim,
+            shape.head_dim as u32,
         );
     }
-    let key_blocks = shape.kv_len.div_ceil(cfg.block_q as usize) as u32;
+    let (cfg, units) = kernel_config::<R, F>(device, kernel, shape.head_dim, causal);
+    // Both kernels: `block_q` rows (keys for dK/dV, queries for dQ) per cube.
+    let key_blocks = CubeCount::Static(
+        shape.kv_len.div_ceil(cfg.block_q as usize) as u32,
+        (shape.batch * shape.kv_heads) as u32,
+        1,
+    );
+    let query_blocks = CubeCount::Static(
+        shape.q_len.div_ceil(cfg.block_q as usize) as u32,
+        (shape.batch * shape.q_heads) as u32,
+        1,
+    );
+    let t = shape.q_len;
+    let heads = (shape.q_heads as u32, shape.kv_heads as u32);
     // SAFETY: key rows guarded by `j < kv_len`, query rows by `i < q_len`; heads in range as in
-    // the forward.
+    // the forward; shared tiles indexed below their comptime sizes.
     unsafe {
-        attention_dkdv_kernel::launch_unchecked::<F, R>(
-            device.client(),
-            CubeCount::Static(key_blocks, (shape.batch * shape.kv_heads) as u32, 1),
-            CubeDim::new_1d(cfg.block_q),
-            VEC,
-            dk.as_array_arg(),
-            dv.as_array_arg(),
-            q.as_array_arg(),
-            k.as_array_arg(),
-            v.as_array_arg(),
-            dout.as_array_arg(),
-            lse.as_array_arg(),
-            delta.as_array_arg(),
-            shape.q_len as u32,
-            shape.kv_len as u32,
-            shape.q_heads as u32,
-            shape.kv_heads as u32,
-            0,
-            scale,
-            cfg,
-        );
-    }
-    let query_blocks = shape.q_len.div_ceil(cfg.block_q as usize) as u32;
-    // SAFETY: as in the forward.
-    unsafe {
-        attention_dq_kernel::launch_unchecked::<F, R>(
-            device.client(),
-            CubeCount::Static(query_blocks, (shape.batch * shape.q_heads) as u32, 1),
-            CubeDim::new_1d(cfg.block_q),
-            VEC,
-            dq.as_array_arg(),
-            q.as_array_arg(),
-            k.as_array_arg(),
-            v.as_array_arg(),
-            dout.as_array_arg(),
-            lse.as_array_arg(),
-            delta.as_array_arg(),
-            shape.q_len as u32,
-            shape.kv_len as u32,
-            shape.q_heads as u32,
-            shape.kv_heads as u32,
-            0,
-            scale,
-            cfg,
-        );
+        match kernel {
+            AttentionKernel::Portable => {
+                attention_dkdv_kernel::launch_unchecked::<F, R>(
+                    device.client(),
+                    key_blocks,
+                    CubeDim::new_1d(units),
+                    VEC,
+                    dk.as_array_arg(),
+                    dv.as_array_arg(),
+                    q.as_array_arg(),
+                    k.as_array_arg(),
+                    v.as_array_arg(),
+                    dout.as_array_arg(),
+                    lse.as_array_arg(),
+                    delta.as_array_arg(),
+                    t as u32,
+                    t as u32,
+                    heads.0,
+                    heads.1,
+                    0,
+                    scale,
+                    cfg,
+                );
+                attention_dq_kernel::launch_unchecked::<F, R>(
+                    device.client(),
+                    query_blocks,
+                    CubeDim::new_1d(units),
+                    VEC,
+                    dq.as_array_arg(),
+                    q.as_array_arg(),
+                    k.as_array_arg(),
+                    v.as_array_arg(),
+                    dout.as_array_arg(),
+                    lse.as_array_arg(),
+                    delta.as_array_arg(),
+                    t as u32,
+                    t as u32,
+                    heads.0,
+                    heads.1,
+                    0,
+                    scale,
+                    cfg,
+                );
+            }
+            AttentionKernel::TensorCores => {
+                crate::attention_cmma::attention_dkdv_cmma_kernel::launch_unchecked::<F, R>(
+                    device.client(),
+                    key_blocks,
+                    CubeDim::new_1d(units),
+                    VEC,
+                    dk.as_array_arg(),
+                    dv.as_array_arg(),
+                    q.as_array_arg(),
+                    k.as_array_arg(),
+                    v.as_array_arg(),
+                    dout.as_array_arg(),
+                    lse.as_array_arg(),
+                    delta.as_array_arg(),
+                    t as u32,
+                    t as u32,
+                    heads.0,
+                    heads.1,
+                    scale,
+                    cfg,
+                );
+                crate::attention_cmma::attention_dq_cmma_kernel::launch_unchecked::<F, R>(
+                    device.client(),
+                    query_blocks,
+                    CubeDim::new_1d(units),
+                    VEC,
+                    dq.as_array_arg(),
+                    q.as_array_arg(),
+                    k.as_array_arg(),
+                    v.as_array_arg(),
+                    dout.as_array_arg(),
+                    lse.as_array_arg(),
+                    delta.as_array_arg(),
+                    t as u32,
+                    t as u32,
+                    heads.0,
+                    heads.1,
+                    scale,
+                    cfg,
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_cmma;
 pub mod attention_naive;
 pub mod cross_entropy;
 pub mod embedding;

@@ -11,9 +11,16 @@
 //! Accumulation passes the output buffer as the library's accumulator input too (`out = A·B +
 //! acc` with `acc` and `out` the same memory). That is sound because every routine used here
 //! reads an output tile's accumulator once, in the cube that later writes that tile, before
-//! writing it (no split-k). Tensor cores (the library's `SimpleCyclicCmma` routine) are used
+//! writing it (no split-k). Tensor cores (the library's `Simple` routine on cmma) are used
 //! where the device has them for the element type; otherwise the plain `SimpleUnit` routine,
 //! which is also what runs on wgpu.
+//!
+//! cubek-matmul 0.2 sizes its shared-memory stages without looking at the device's limit, and a
+//! kernel over it fails on the device thread without an error reaching the caller (on wgpu the
+//! output is silently left as it was). So every tiling is checked here against the limit first
+//! (the stages' lhs and rhs tiles, plus the accumulator tile when accumulating): tensor-core
+//! tilings shrink to fewer planes per cube, unit tilings fall back to the smallest tiles, and
+//! a product nothing fits is an error.
 
 use cubecl::ir::AddressType;
 use cubecl::prelude::*;
@@ -22,13 +29,19 @@ use cubecl::std::tensor::{launch::ViewArg, layout::VirtualLayoutLaunch};
 use cubek_matmul::components::global::memory::{
     BatchLayout, BatchLayoutLaunch, GlobalLayout, GlobalLayoutLaunch,
 };
+use cubek_matmul::components::stage::PartitionBuffering;
+use cubek_matmul::components::tile::TileMatmulKind;
+use cubek_matmul::definition::TilingScheme;
 use cubek_matmul::definition::{
     AvailableVectorSizes, Blueprint as _, MatmulAvailabilityError, MatmulElems, MatmulGlobalElems,
     MatmulProblem, MatmulSetupError, cube_mapping_launch,
 };
 use cubek_matmul::launch::{TensorArgs, TensorInputsLaunch, TensorOutputLaunch};
 use cubek_matmul::routines::{
-    BlueprintStrategy, Routine, simple::SimpleAlgorithm, simple_unit::SimpleUnitAlgorithm,
+    BlueprintStrategy, DeviceSettings, ExpandInfo, PlaneTilingBlueprintOptions, Routine, TileSizeSelection,
+    infer_blueprint_plane,
+    simple::SimpleAlgorithm,
+    simple_unit::{SimpleUnitAlgorithm, SimpleUnitSelectionArgs},
 };
 use dsl::{Backend, DType, Device, Error, FloatElement, GpuTensor, Result};
 
@@ -173,13 +186,19 @@ fn gemm<R: Runtime, F: FloatElement>(
     let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype, rhs: dtype, out: dtype });
     // Tensor cores only for half types: for f32 they would round inputs to tf32.
     if device.backend() == Backend::Cuda && F::DTYPE != DType::F32 {
-        match launch_routine::<R, SimpleAlgorithm>(device, &lhs, &rhs, &out, accumulate, &dtypes) {
+        let fitted = |problem: &MatmulProblem, settings: &DeviceSettings<R>| {
+            tensor_core_blueprint(device, problem, settings, accumulate)
+        };
+        match launch_routine::<R, SimpleAlgorithm>(device, &lhs, &rhs, &out, accumulate, &dtypes, fitted) {
             Ok(()) => return device.check(op).map(|()| MatmulRoutine::TensorCores),
             Err(MatmulSetupError::Unavailable(_)) => {}
             Err(e) => return Err(setup_error(op, e)),
         }
     }
-    launch_routine::<R, SimpleUnitAlgorithm>(device, &lhs, &rhs, &out, accumulate, &dtypes)
+    let inferred = |problem: &MatmulProblem, settings: &DeviceSettings<R>| {
+        unit_blueprint(device, problem, settings, accumulate)
+    };
+    launch_routine::<R, SimpleUnitAlgorithm>(device, &lhs, &rhs, &out, accumulate, &dtypes, inferred)
         .map_err(|e| setup_error(op, e))?;
     device.check(op)?;
     Ok(MatmulRoutine::Units)
@@ -187,6 +206,10 @@ fn gemm<R: Runtime, F: FloatElement>(
 
 fn setup_error(op: &'static str, e: MatmulSetupError) -> Error {
     match e {
+        MatmulSetupError::Unavailable(MatmulAvailabilityError::TileSizeNotFound) => Error::Device {
+            op,
+            message: "no tiling of this product fits in the device's shared memory".to_string(),
+        },
         MatmulSetupError::Unavailable(MatmulAvailabilityError::TypesUnavailable { .. }) => {
             Error::Unsupported {
                 op,
@@ -197,7 +220,83 @@ fn setup_error(op: &'static str, e: MatmulSetupError) -> Error {
     }
 }
 
-/// The library's launch path with an optional accumulator (`launch_ref` has none).
+/// Shared memory of a plane routine's stages: the lhs and rhs tiles of one k step, plus the
+/// accumulator input's tile (f32 for half inputs) when accumulating. cubek-matmul 0.2 does not
+/// check this against the device: an oversized stage fails at launch, on the device thread.
+fn stage_bytes(tiling: &TilingScheme, dtypes: &MatmulElems, accumulate: bool) -> usize {
+    let (m, n, k) = (
+        tiling.elements_per_stage_along_m() as usize,
+        tiling.elements_per_stage_along_n() as usize,
+        tiling.elements_per_stage_along_k() as usize,
+    );
+    let inputs = m * k * dtypes.lhs_stage.size() + k * n * dtypes.rhs_stage.size();
+    inputs + if accumulate { m * n * dtypes.acc_stage.size() } else { 0 }
+}
+
+/// The library's tensor-core blueprint, with fewer planes per cube where its stages would not
+/// fit in shared memory. For long-K products it picks 512×128 stages; with the f32 accumulator
+/// input of `+=` that is 296 KiB, over an H100's 227.
+fn tensor_core_blueprint<R: Runtime>(
+    device: &Device<R>,
+    problem: &MatmulProblem,
+    settings: &DeviceSettings<R>,
+    accumulate: bool,
+) -> Result<ExpandInfo<<SimpleAlgorithm as Routine<()>>::Blueprint>, MatmulSetupError> {
+    let limit = device.info().max_shared_memory_bytes;
+    let mut expand =
+        <SimpleAlgorithm as Routine<()>>::expand_blueprint(problem, settings, &BlueprintStrategy::default())?;
+    let mut planes = device.info().max_units_per_cube / settings.plane_dim.max(1);
+    while stage_bytes(&expand.blueprint.tiling_scheme(), &expand.dtypes, accumulate) > limit {
+        planes /= 2;
+        if planes == 0 {
+            return Err(MatmulSetupError::Unavailable(MatmulAvailabilityError::TileSizeNotFound));
+        }
+        let (blueprint, _) = infer_blueprint_plane(
+            TileMatmulKind::Cmma,
+            &settings.client,
+            problem,
+            settings.plane_dim,
+            MatmulElems::from_globals(&problem.global_dtypes),
+            &settings.vector_sizes,
+            PlaneTilingBlueprintOptions {
+                row_count: Some(planes),
+                partition_buffering: Some(PartitionBuffering::Single),
+                tiny_selection_enabled: true,
+                swizzled: TileMatmulKind::Cmma.should_swizzle(&settings.client),
+                ..Default::default()
+            },
+        )?;
+        expand = <SimpleAlgorithm as Routine<()>>::expand_blueprint(
+            problem,
+            settings,
+            &BlueprintStrategy::Forced(blueprint),
+        )?;
+    }
+    Ok(expand)
+}
+
+/// The library's unit-routine blueprint, or its smallest-tile one where the default's stages
+/// would not fit in shared memory (on lavapipe's 32 KiB an accumulating 512×64×64 product's
+/// did not, and the kernel silently did nothing).
+fn unit_blueprint<R: Runtime>(
+    device: &Device<R>,
+    problem: &MatmulProblem,
+    settings: &DeviceSettings<R>,
+    accumulate: bool,
+) -> Result<ExpandInfo<<SimpleUnitAlgorithm as Routine<()>>::Blueprint>, MatmulSetupError> {
+    let limit = device.info().max_shared_memory_bytes;
+    for tile_size in [TileSizeSelection::MaxTileSize, TileSizeSelection::MinTileSize] {
+        let strategy = BlueprintStrategy::Inferred(SimpleUnitSelectionArgs { tile_size });
+        let expand = <SimpleUnitAlgorithm as Routine<()>>::expand_blueprint(problem, settings, &strategy)?;
+        if stage_bytes(&expand.blueprint.tiling_scheme(), &expand.dtypes, accumulate) <= limit {
+            return Ok(expand);
+        }
+    }
+    Err(MatmulSetupError::Unavailable(MatmulAvailabilityError::TileSizeNotFound))
+}
+
+/// The library's launch path with an optional accumulator (`launch_ref` has none); `blueprint`
+/// picks the routine's tiling for the problem.
 fn launch_routine<R: Runtime, A: Routine<()>>(
     device: &Device<R>,
     lhs: &Operand<'_>,
@@ -205,6 +304,10 @@ fn launch_routine<R: Runtime, A: Routine<()>>(
     out: &Operand<'_>,
     accumulate: bool,
     dtypes: &MatmulElems,
+    blueprint: impl FnOnce(
+        &MatmulProblem,
+        &DeviceSettings<R>,
+    ) -> Result<ExpandInfo<A::Blueprint>, MatmulSetupError>,
 ) -> Result<(), MatmulSetupError> {
     let client = device.client();
     let (lhs, rhs, out) = (lhs.binding::<R>(), rhs.binding::<R>(), out.binding::<R>());
@@ -231,7 +334,7 @@ fn launch_routine<R: Runtime, A: Routine<()>>(
     .filter_out_with_tensor(&out.strides, &out.shape)
     .pick_max()?;
     let settings = A::device_settings(client, vector_sizes);
-    let expand = A::expand_blueprint(&problem, &settings, &BlueprintStrategy::default())?;
+    let expand = blueprint(&problem, &settings)?;
     let info = A::prepare(&problem, &settings, expand)?;
     let (blueprint, vectors) = (info.blueprint, info.vector_sizes);
     let view = |t: &TensorBinding<R>, vector_size, config| {

@@ -2,7 +2,8 @@
 
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
 use kernels::attention::{
-    AttentionShape, SUPPORTED_HEAD_DIMS, attention_backward, attention_decode, attention_forward,
+    AttentionKernel, AttentionShape, SUPPORTED_HEAD_DIMS, attention_backward_with, attention_decode,
+    attention_forward, attention_forward_with,
 };
 use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::reference::attention as reference;
@@ -103,69 +104,81 @@ fn check<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Resul
     let kt = upload::<R, F>(dev, &k, &kv_shape)?;
     let vt = upload::<R, F>(dev, &v, &kv_shape)?;
     let dyt = upload::<R, F>(dev, &dout, &q_shape)?;
-    let mut out = nan_tensor::<R, F>(dev, &q_shape)?;
-    let mut lse = nan_tensor::<R, f32>(dev, &stats)?;
-    attention_forward(dev, &mut out, &mut lse, &qt, &kt, &vt, case.causal).map_err(fail)?;
-    let (mut dq, mut dk, mut dv) = (
-        nan_tensor::<R, F>(dev, &q_shape)?,
-        nan_tensor::<R, F>(dev, &kv_shape)?,
-        nan_tensor::<R, F>(dev, &kv_shape)?,
-    );
-    let mut delta = nan_tensor::<R, f32>(dev, &stats)?;
-    attention_backward(
-        dev,
-        &mut dq,
-        &mut dk,
-        &mut dv,
-        &mut delta,
-        &dyt,
-        &qt,
-        &kt,
-        &vt,
-        &out,
-        &lse,
-        case.causal,
-    )
-    .map_err(fail)?;
-    let got = Expected {
-        out: download(dev, &out)?,
-        lse: download(dev, &lse)?,
-        dq: download(dev, &dq)?,
-        dk: download(dev, &dk)?,
-        dv: download(dev, &dv)?,
-    };
-    let what = |t: &str| format!("{t} [{} {case:?}]", F::DTYPE);
-    let named = [
-        ("out", &got.out, &want.out, &q_shape[..]),
-        ("dq", &got.dq, &want.dq, &q_shape[..]),
-        ("dk", &got.dk, &want.dk, &kv_shape[..]),
-        ("dv", &got.dv, &want.dv, &kv_shape[..]),
-    ];
-    if F::DTYPE == DType::F32 {
-        // Normwise: each element mixes up to T terms of similar size (worst seen ≈ 0.3 of this).
-        let tol = Tolerance { atol: 1e-6, rtol: 5e-6 };
-        for (name, g, w, shape) in named {
-            check_close_scaled(&what(name), g, w, &normwise(w), shape, tol).map_err(TestCaseError::fail)?;
-        }
-    } else {
+    let naive = (F::DTYPE != DType::F32).then(|| {
         let round = |x: f64| F::round_trip(x);
         let f32_sum = |x: f64| x as f32 as f64;
-        let naive = reference_run(&q, &k, &v, &dout, &s, case.causal, &round, &f32_sum);
-        let naive_of = [&naive.out, &naive.dq, &naive.dk, &naive.dv];
-        for ((name, g, w, shape), n) in named.into_iter().zip(naive_of) {
-            check_against_naive(&what(name), g, n, w, shape, 2.0).map_err(TestCaseError::fail)?;
+        reference_run(&q, &k, &v, &dout, &s, case.causal, &round, &f32_sum)
+    });
+    let what = |t: &str, kernel: &str| format!("{t} [{} {kernel} {case:?}]", F::DTYPE);
+    let compare = |what: &str, got: &[f64], want: &[f64], naive: Option<&Vec<f64>>, shape: &[usize]| {
+        match naive {
+            // Normwise: each element mixes up to T terms of similar size (worst seen ≈ 0.3 of this).
+            None => check_close_scaled(
+                what,
+                got,
+                want,
+                &normwise(want),
+                shape,
+                Tolerance { atol: 1e-6, rtol: 5e-6 },
+            ),
+            Some(naive) => check_against_naive(what, got, naive, want, shape, 2.0),
+        }
+        .map_err(TestCaseError::fail)
+    };
+
+    // Every set of kernels the device has (portable everywhere; tensor cores on CUDA f16/bf16).
+    for kernel in AttentionKernel::available::<R, F>(dev) {
+        let mut out = nan_tensor::<R, F>(dev, &q_shape)?;
+        let mut lse = nan_tensor::<R, f32>(dev, &stats)?;
+        attention_forward_with(dev, kernel, &mut out, &mut lse, &qt, &kt, &vt, case.causal).map_err(fail)?;
+        compare(
+            &what("out", kernel.name()),
+            &download(dev, &out)?,
+            &want.out,
+            naive.as_ref().map(|n| &n.out),
+            &q_shape,
+        )?;
+        // lse is f32 whatever F is: a log-sum-exp of up to 300 terms, relative to its size.
+        check_close_scaled(
+            &what("lse", kernel.name()),
+            &download(dev, &lse)?,
+            &want.lse,
+            &normwise(&want.lse),
+            &stats,
+            Tolerance::for_dtype(DType::F32),
+        )
+        .map_err(TestCaseError::fail)?;
+
+        let (mut dq, mut dk, mut dv) = (
+            nan_tensor::<R, F>(dev, &q_shape)?,
+            nan_tensor::<R, F>(dev, &kv_shape)?,
+            nan_tensor::<R, F>(dev, &kv_shape)?,
+        );
+        let mut delta = nan_tensor::<R, f32>(dev, &stats)?;
+        attention_backward_with(
+            dev,
+            kernel,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &mut delta,
+            &dyt,
+            &qt,
+            &kt,
+            &vt,
+            &out,
+            &lse,
+            case.causal,
+        )
+        .map_err(fail)?;
+        for (name, got, want, naive, shape) in [
+            ("dq", &dq, &want.dq, naive.as_ref().map(|n| &n.dq), &q_shape[..]),
+            ("dk", &dk, &want.dk, naive.as_ref().map(|n| &n.dk), &kv_shape[..]),
+            ("dv", &dv, &want.dv, naive.as_ref().map(|n| &n.dv), &kv_shape[..]),
+        ] {
+            compare(&what(name, kernel.name()), &download(dev, got)?, want, naive, shape)?;
         }
     }
-    // lse is f32 whatever F is: a log-sum-exp of up to 300 terms, relative to its size.
-    check_close_scaled(
-        &what("lse"),
-        &got.lse,
-        &want.lse,
-        &normwise(&want.lse),
-        &stats,
-        Tolerance::for_dtype(DType::F32),
-    )
-    .map_err(TestCaseError::fail)?;
     Ok(())
 }
 
@@ -200,23 +213,33 @@ fn attention_every_supported_head_dim() {
 
 /// Decoding the last positions against a KV cache (larger than what is filled) gives the full
 /// forward's rows for those positions.
+/// In f32 and f16 (the tensor-core kernel on CUDA), decoding the last positions against a
+/// cache reproduces the full forward's rows.
 fn decode_matches_full<R: BackendRuntime>(dev: &Device<R>) {
+    decode_matches_full_in::<R, f32>(dev, Tolerance { atol: 1e-6, rtol: 1e-5 });
+    if dev.supports::<half::f16>() {
+        // Both round the output to f16 once; the rest is the same f32 arithmetic.
+        decode_matches_full_in::<R, half::f16>(dev, Tolerance { atol: 2e-3, rtol: 2e-3 });
+    }
+}
+
+fn decode_matches_full_in<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, tol: Tolerance) {
     let (batch, seq, kv_heads, group, hd, capacity) = (2, 45, 2, 3, 64, 64);
     let q_heads = kv_heads * group;
     let mut rng = DataRng::new(21);
     let q = rng.normals(batch * seq * q_heads * hd, 0.0, 1.0);
     let k = rng.normals(batch * seq * kv_heads * hd, 0.0, 1.0);
     let v = rng.normals(batch * seq * kv_heads * hd, 0.0, 1.0);
-    let up = |x: &[f64], shape: &[usize]| GpuTensor::<R, f32>::from_f64(dev, x, shape).unwrap();
+    let up = |x: &[f64], shape: &[usize]| GpuTensor::<R, F>::from_f64(dev, x, shape).unwrap();
     let (qt, kt, vt) = (
         up(&q, &[batch, seq, q_heads, hd]),
         up(&k, &[batch, seq, kv_heads, hd]),
         up(&v, &[batch, seq, kv_heads, hd]),
     );
-    let mut full = GpuTensor::<R, f32>::uninit(dev, &[batch, seq, q_heads, hd]).unwrap();
+    let mut full = GpuTensor::<R, F>::uninit(dev, &[batch, seq, q_heads, hd]).unwrap();
     let mut lse = GpuTensor::<R, f32>::uninit(dev, &[batch, q_heads, seq]).unwrap();
     attention_forward(dev, &mut full, &mut lse, &qt, &kt, &vt, true).unwrap();
-    let full = full.to_vec(dev).unwrap();
+    let full = full.to_f64_vec(dev).unwrap();
 
     // The cache holds `capacity` positions per sequence, the first `seq` filled.
     let mut cache_k = vec![0.0; batch * capacity * kv_heads * hd];
@@ -239,17 +262,16 @@ fn decode_matches_full<R: BackendRuntime>(dev: &Device<R>) {
             q_new.extend_from_slice(&q[(b * seq + offset) * q_row..(b * seq + seq) * q_row]);
         }
         let qn = up(&q_new, &[batch, new, q_heads, hd]);
-        let mut out = GpuTensor::<R, f32>::uninit(dev, &[batch, new, q_heads, hd]).unwrap();
+        let mut out = GpuTensor::<R, F>::uninit(dev, &[batch, new, q_heads, hd]).unwrap();
         let mut lse_new = GpuTensor::<R, f32>::uninit(dev, &[batch, q_heads, new]).unwrap();
         attention_decode(dev, &mut out, &mut lse_new, &qn, &kc, &vc, seq, offset).unwrap();
-        let got: Vec<f64> = out.to_vec(dev).unwrap().into_iter().map(f64::from).collect();
+        let got = out.to_f64_vec(dev).unwrap();
         let mut want = Vec::new();
         for b in 0..batch {
-            want.extend(full[(b * seq + offset) * q_row..(b * seq + seq) * q_row].iter().map(|&x| x as f64));
+            want.extend_from_slice(&full[(b * seq + offset) * q_row..(b * seq + seq) * q_row]);
         }
-        let tol = Tolerance { atol: 1e-6, rtol: 1e-5 };
         assert_close(
-            &format!("decode of the last {new} positions"),
+            &format!("{} decode of the last {new} positions", F::DTYPE),
             &got,
             &want,
             &[batch, new, q_heads, hd],
@@ -263,35 +285,54 @@ fn decode_matches_the_full_forward_on_the_last_positions() {
     on_test_backend!(decode_matches_full);
 }
 
+/// Every kernel set, in f32 and f16: two more runs give the same bits.
 fn deterministic<R: BackendRuntime>(dev: &Device<R>) {
+    deterministic_in::<R, f32>(dev);
+    if dev.supports::<half::f16>() {
+        deterministic_in::<R, half::f16>(dev);
+    }
+}
+
+fn deterministic_in<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     let case = Case { batch: 2, seq: 97, kv_heads: 2, group: 4, head_dim: 64, causal: true, seed: 5 };
     let s = case.shape();
     let q_shape = [s.batch, s.q_len, s.q_heads, s.head_dim];
     let kv_shape = [s.batch, s.kv_len, s.kv_heads, s.head_dim];
     let mut rng = DataRng::new(case.seed);
     let mk = |rng: &mut DataRng, shape: &[usize]| {
-        GpuTensor::<R, f32>::from_f64(dev, &rng.normals(shape.iter().product(), 0.0, 1.0), shape).unwrap()
+        GpuTensor::<R, F>::from_f64(dev, &rng.normals(shape.iter().product(), 0.0, 1.0), shape).unwrap()
     };
     let (q, k, v, dy) =
         (mk(&mut rng, &q_shape), mk(&mut rng, &kv_shape), mk(&mut rng, &kv_shape), mk(&mut rng, &q_shape));
-    let run = || {
-        let stats = [s.batch, s.q_heads, s.q_len];
-        let mut out = GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap();
-        let mut lse = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
-        attention_forward(dev, &mut out, &mut lse, &q, &k, &v, true).unwrap();
-        let (mut dq, mut dk, mut dv) = (
-            GpuTensor::<R, f32>::uninit(dev, &q_shape).unwrap(),
-            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
-            GpuTensor::<R, f32>::uninit(dev, &kv_shape).unwrap(),
-        );
-        let mut delta = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
-        attention_backward(dev, &mut dq, &mut dk, &mut dv, &mut delta, &dy, &q, &k, &v, &out, &lse, true)
+    for kernel in AttentionKernel::available::<R, F>(dev) {
+        let run = || {
+            let stats = [s.batch, s.q_heads, s.q_len];
+            let mut out = GpuTensor::<R, F>::uninit(dev, &q_shape).unwrap();
+            let mut lse = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
+            attention_forward_with(dev, kernel, &mut out, &mut lse, &q, &k, &v, true).unwrap();
+            let (mut dq, mut dk, mut dv) = (
+                GpuTensor::<R, F>::uninit(dev, &q_shape).unwrap(),
+                GpuTensor::<R, F>::uninit(dev, &kv_shape).unwrap(),
+                GpuTensor::<R, F>::uninit(dev, &kv_shape).unwrap(),
+            );
+            let mut delta = GpuTensor::<R, f32>::uninit(dev, &stats).unwrap();
+            attention_backward_with(
+                dev, kernel, &mut dq, &mut dk, &mut dv, &mut delta, &dy, &q, &k, &v, &out, &lse, true,
+            )
             .unwrap();
-        [out, dq, dk, dv].map(|t| t.to_vec(dev).unwrap().into_iter().map(f32::to_bits).collect::<Vec<_>>())
-    };
-    let first = run();
-    for _ in 0..2 {
-        assert!(run() == first, "attention differs bit-wise between identical runs");
+            // f64 holds every F exactly, so equal f64 bits are equal F bits.
+            [out, dq, dk, dv]
+                .map(|t| t.to_f64_vec(dev).unwrap().into_iter().map(f64::to_bits).collect::<Vec<_>>())
+        };
+        let first = run();
+        for _ in 0..2 {
+            assert!(
+                run() == first,
+                "attention ({} {}) differs bit-wise between identical runs",
+                F::DTYPE,
+                kernel.name()
+            );
+        }
     }
 }
 
@@ -413,6 +454,16 @@ fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
     .unwrap_err();
     assert!(
         err.to_string().contains("positions 9..11 need keys up to there, but only 10 are filled"),
+        "{err}"
+    );
+    // No device has tensor cores for f32 here (tf32 would round it).
+    let (mut out, mut lse) = (z(&[1, 8, 4, 64]), z(&[1, 4, 8]));
+    let x = z(&[1, 8, 4, 64]);
+    let err = attention_forward_with(dev, AttentionKernel::TensorCores, &mut out, &mut lse, &x, &x, &x, true)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("the tensor-core kernels need f16 or bf16")
+            && err.to_string().contains("has none for f32"),
         "{err}"
     );
 }

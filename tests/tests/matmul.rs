@@ -112,6 +112,20 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
 
 test_each_dtype!(matches_reference => linear_f32_matches_reference, linear_f16_matches_reference, linear_bf16_matches_reference_or_is_refused);
 
+/// Shapes for which cubek-matmul's tensor-core selection picks 512×128 stages: with the f32
+/// accumulator tile of `+=` they need 296 KiB of shared memory, more than an H100 has, unless
+/// the launcher shrinks them (the 110M training run failed on exactly that).
+fn large_accumulating_products<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    for (n, din, dout) in [(512, 64, 64), (1024, 64, 256)] {
+        check::<R, F>(dev, (n, din, dout, 7)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+test_each_dtype!(large_accumulating_products => linear_f32_large_accumulation, linear_f16_large_accumulation, linear_bf16_large_accumulation_or_is_refused);
+
 /// Leading dimensions are rows: `[B, T, in]` behaves as `[B·T, in]`.
 fn batched_rows<R: BackendRuntime>(dev: &Device<R>) {
     let (b, t, din, dout) = (2, 5, 7, 3);

@@ -320,9 +320,9 @@ fn learns_reversal<R: BackendRuntime>(dev: &Device<R>) {
         losses[losses.len() - 1]
     );
     // Held-out words are mostly of 3 letters (most 2-letter words occur in training): chance
-    // is about 1/26³. Seen on lavapipe: 0.15 after 500 steps.
+    // is about 1/26³. Seen on lavapipe: 1.000 after 500 steps (0.13 after 250).
     assert!(before < 0.02, "accuracy {before} before training");
-    assert!(after >= 0.08, "accuracy {after} after SFT (losses {losses:?})");
+    assert!(after >= 0.8, "accuracy {after} after SFT (losses {losses:?})");
 }
 
 #[test]

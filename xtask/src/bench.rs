@@ -15,7 +15,7 @@ use crate::BackendArg;
 use anyhow::{Context, Result};
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
 use kernels::adamw::{AdamW, adamw_step};
-use kernels::attention::{attention_backward, attention_forward};
+use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
 use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
@@ -76,6 +76,8 @@ struct MatmulResult {
 #[derive(Serialize)]
 struct AttentionResult {
     pass: &'static str,
+    /// The kernels (`tensor cores` or `portable`).
+    kernel: &'static str,
     dtype: String,
     batch: usize,
     seq: usize,
@@ -483,14 +485,20 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
             );
             let label = format!("{batch}x{seq}, {q_heads}:{kv_heads} heads, hd {head_dim}");
             eprintln!("attention {} {label}…", F::DTYPE);
-            let fwd = time_ms(dev, ctx.iters, || {
-                Ok(attention_forward(dev, &mut out, &mut lse, &q, &k, &v, true)?)
-            })?;
-            let bwd = time_ms(dev, ctx.iters, || {
-                Ok(attention_backward(
-                    dev, &mut dq, &mut dk, &mut dv, &mut delta, &dout, &q, &k, &v, &out, &lse, true,
-                )?)
-            })?;
+            // Every kernel set the device has (portable; tensor cores on CUDA f16/bf16).
+            let mut timed = Vec::new();
+            for kernel in AttentionKernel::available::<R, F>(dev) {
+                let fwd = time_ms(dev, ctx.iters, || {
+                    Ok(attention_forward_with(dev, kernel, &mut out, &mut lse, &q, &k, &v, true)?)
+                })?;
+                let bwd = time_ms(dev, ctx.iters, || {
+                    Ok(attention_backward_with(
+                        dev, kernel, &mut dq, &mut dk, &mut dv, &mut delta, &dout, &q, &k, &v, &out, &lse,
+                        true,
+                    )?)
+                })?;
+                timed.push((kernel, fwd, bwd));
+            }
             // The naive path needs two [B, Hq, T, T] f32 matrices: skip it where they do not fit.
             let score_bytes = (batch * q_heads * seq * seq * 4) as u64;
             let (naive_fwd, naive_bwd, naive_bytes) = if score_bytes <= dev.info().max_buffer_bytes {
@@ -519,12 +527,16 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
             };
             let forward_flops = 2.0 * (batch * q_heads * seq * seq * head_dim) as f64;
             let stat_bytes = (batch * q_heads * seq * 4) as u64;
-            for (pass, flops, ms, naive_ms, naive_extra) in [
-                ("forward", forward_flops, fwd, naive_fwd, score_bytes),
-                ("backward", 2.5 * forward_flops, bwd, naive_bwd, naive_bytes),
-            ] {
+            let passes = timed.iter().flat_map(|&(kernel, fwd, bwd)| {
+                [
+                    ("forward", kernel, forward_flops, fwd, naive_fwd, score_bytes),
+                    ("backward", kernel, 2.5 * forward_flops, bwd, naive_bwd, naive_bytes),
+                ]
+            });
+            for (pass, kernel, flops, ms, naive_ms, naive_extra) in passes {
                 ctx.attention.push(AttentionResult {
                     pass,
+                    kernel: kernel.name(),
                     dtype: F::DTYPE.to_string(),
                     batch,
                     seq,
@@ -641,13 +653,25 @@ fn print_table(report: &Report) {
         "attention, causal (FLOPs: 2·B·Hq·T²·hd forward, 2.5× that backward; extra = memory beyond inputs/outputs)"
     );
     println!(
-        "{:<9} {:<6} {:<6} {:<8} {:>5} {:>11} {:>9} {:>9} {:>12} {:>11} {:>8}",
-        "pass", "dtype", "T", "heads", "hd", "median", "GFLOP/s", "extra", "naive", "naive extra", "speedup"
+        "{:<9} {:<13} {:<6} {:<6} {:<8} {:>5} {:>11} {:>9} {:>9} {:>12} {:>11} {:>8}",
+        "pass",
+        "kernel",
+        "dtype",
+        "T",
+        "heads",
+        "hd",
+        "median",
+        "GFLOP/s",
+        "extra",
+        "naive",
+        "naive extra",
+        "speedup"
     );
     for a in &report.attention {
         println!(
-            "{:<9} {:<6} {:<6} {:<8} {:>5} {:>8.2} ms {:>9.1} {:>6} KiB {:>9.2} ms {:>7} MiB {:>7.2}x",
+            "{:<9} {:<13} {:<6} {:<6} {:<8} {:>5} {:>8.2} ms {:>9.1} {:>6} KiB {:>9.2} ms {:>7} MiB {:>7.2}x",
             a.pass,
+            a.kernel,
             a.dtype,
             a.seq,
             format!("{}:{}", a.q_heads, a.kv_heads),
