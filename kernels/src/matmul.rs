@@ -220,7 +220,7 @@ fn setup_error(op: &'static str, e: MatmulSetupError) -> Error {
     }
 }
 
-/// Shared memory of a plane routine's stages: the lhs and rhs tiles of one k step, plus the
+/// Shared memory of a routine's stages: the lhs and rhs tiles of one k step, plus the
 /// accumulator input's tile (f32 for half inputs) when accumulating. cubek-matmul 0.2 does not
 /// check this against the device: an oversized stage fails at launch, on the device thread.
 fn stage_bytes(tiling: &TilingScheme, dtypes: &MatmulElems, accumulate: bool) -> usize {
