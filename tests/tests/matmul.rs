@@ -112,9 +112,10 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
 
 test_each_dtype!(matches_reference => linear_f32_matches_reference, linear_f16_matches_reference, linear_bf16_matches_reference_or_is_refused);
 
-/// Shapes for which cubek-matmul's tensor-core selection picks 512×128 stages: with the f32
-/// accumulator tile of `+=` they need 296 KiB of shared memory, more than an H100 has, unless
-/// the launcher shrinks them (the 110M training run failed on exactly that).
+/// Shapes whose accumulating products get tiles larger than shared memory unless the launcher
+/// shrinks them: on lavapipe (32 KiB) the unit routine's default tiles need 35–39 KiB and the
+/// product silently did nothing (this test failed there before the fix); on an H100 the
+/// tensor-core selection shrinks to fewer planes per cube (as the 110M training run needed).
 fn large_accumulating_products<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
     if refuses_unsupported::<R, F>(dev) {
         return;
