@@ -199,7 +199,9 @@ impl<R: BackendRuntime> Device<R> {
         let device = R::default_device();
         let device_name = format!("{device:?}");
         let panics_before = DEVICE_PANICS.load(Ordering::SeqCst);
+        OPENING.set(true);
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| R::client(&device)));
+        OPENING.set(false);
         let client = opened.map_err(|payload| {
             // The real cause is usually a panic on the device thread; the caller's own panic
             // is only the channel to that thread closing.
@@ -383,9 +385,17 @@ pub fn on_device<T: OnDevice>(backend: Backend, task: T) -> Result<T::Output> {
 static DEVICE_PANICS: AtomicUsize = AtomicUsize::new(0);
 static LAST_DEVICE_PANIC: Mutex<Option<String>> = Mutex::new(None);
 
+thread_local! {
+    /// Set while this thread opens a device: its panic there is caught and becomes
+    /// [`Error::NoDevice`], so it is not printed.
+    static OPENING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// CubeCL runs each device's server on a thread named `DSU-..`/`DSD-..`; a kernel that fails to
 /// compile panics there and the caller sees nothing. Count those panics so [`Device::check`]
-/// can turn them into errors. The previous hook still prints the message.
+/// can turn them into errors, and print each as one line: a backtrace of CubeCL's internals
+/// (with `RUST_BACKTRACE` set) tells the user nothing the error does not. Other panics, ours
+/// included, go to the previous hook as before.
 fn install_panic_monitor() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -394,12 +404,15 @@ fn install_panic_monitor() {
             let on_device_thread =
                 std::thread::current().name().is_some_and(|n| n.starts_with("DSU-") || n.starts_with("DSD-"));
             if on_device_thread {
+                let message = panic_message(info.payload());
                 if let Ok(mut last) = LAST_DEVICE_PANIC.lock() {
-                    *last = Some(format!("{info}"));
+                    *last = Some(message.clone());
                 }
                 DEVICE_PANICS.fetch_add(1, Ordering::SeqCst);
+                eprintln!("device thread: {}", message.lines().next().unwrap_or_default());
+            } else if !OPENING.get() {
+                previous(info);
             }
-            previous(info);
         }));
     });
 }
@@ -410,7 +423,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
-        "panicked while opening the device".into()
+        "(a panic without a message)".into()
     }
 }
 

@@ -145,7 +145,7 @@ fn text_files_become_documents_that_start_with_bos() {
     std::fs::write(&path, "ab\n\ncd").unwrap();
     assert!(TokenFormat::Auto.is_text(&path) && !TokenFormat::Auto.is_text(Path::new("x.bin")));
     let stream = TokenStream::open_text(&path, &TextTokenizer::bytes()).unwrap();
-    assert_eq!(stream.tokens, vec![256, 97, 98, 256, 99, 100]);
+    assert_eq!(stream.to_vec(), vec![256, 97, 98, 256, 99, 100]);
     assert_eq!(stream.format, DetectedFormat::Text);
     std::fs::write(&path, b"ok\xff\xfe").unwrap();
     let err = TokenStream::open_text(&path, &TextTokenizer::bytes()).err().unwrap().to_string();

@@ -7,9 +7,10 @@ use model::{Llama, LlamaConfig, Params};
 use std::path::PathBuf;
 use tests::*;
 use trainer::corpus;
+use trainer::data::TokenStream;
 use trainer::optimizer::{Optimizer, decays};
 use trainer::schedule::Schedule;
-use trainer::train::{TrainOptions, Trainer, in_memory_stream};
+use trainer::train::{TrainData, TrainOptions, Trainer, in_memory_stream, split};
 
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("cubellama-train-{}-{name}", std::process::id()));
@@ -102,6 +103,12 @@ fn small_run(steps: u64) -> (LlamaConfig, TrainOptions) {
     (config, options)
 }
 
+/// The corpus of these tests, its last `val_fraction` held out for validation.
+fn corpus_split(options: &TrainOptions) -> (TokenStream, Option<TokenStream>) {
+    let data = corpus::stream(60_000, 1).unwrap().0;
+    split(&data, options.val_fraction, options.batch, options.seq_len).unwrap()
+}
+
 fn new_trainer<R: BackendRuntime>(
     dev: &Device<R>,
     config: &LlamaConfig,
@@ -109,8 +116,8 @@ fn new_trainer<R: BackendRuntime>(
 ) -> Trainer<R, f32> {
     let params = model::init::initial_params(config, options.seed);
     let model = Llama::new(dev, config.clone(), Params::from_host(dev, config, &params).unwrap()).unwrap();
-    let data = corpus::stream(60_000, 1).unwrap().0;
-    Trainer::new(dev, model, options.clone(), &data).unwrap()
+    let (train, val) = corpus_split(options);
+    Trainer::new(dev, model, options.clone(), TrainData::Tokens { train: &train, val: val.as_ref() }).unwrap()
 }
 
 fn loss_falls<R: BackendRuntime>(dev: &Device<R>) {
@@ -133,7 +140,8 @@ fn twenty_steps_of_training_lower_the_loss() {
 fn resume_is_exact<R: BackendRuntime>(dev: &Device<R>) {
     let (config, mut options) = small_run(6);
     options.grad_accum = 2;
-    let data = corpus::stream(60_000, 1).unwrap().0;
+    let (train, val) = corpus_split(&options);
+    let data = TrainData::Tokens { train: &train, val: val.as_ref() };
     let mut straight = new_trainer(dev, &config, &options);
     let want: Vec<u64> = (0..6).map(|_| straight.step(dev).unwrap().loss.to_bits()).collect();
 
@@ -144,7 +152,7 @@ fn resume_is_exact<R: BackendRuntime>(dev: &Device<R>) {
     }
     first.save(dev, &dir).unwrap();
     drop(first);
-    let mut resumed = Trainer::<R, f32>::resume(dev, &dir, &data, None).unwrap();
+    let mut resumed = Trainer::<R, f32>::resume(dev, &dir, data, None).unwrap();
     assert_eq!(resumed.state.step, 3);
     let got: Vec<u64> = (3..6).map(|_| resumed.step(dev).unwrap().loss.to_bits()).collect();
     assert_eq!(got, want[3..], "losses after resuming must be bit-identical");
@@ -197,4 +205,47 @@ fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
 #[test]
 fn bad_training_input_is_a_clear_error() {
     on_test_backend!(bad_input);
+}
+
+/// Without validation nothing is held out: a stream of exactly S·B·T + 1 tokens gives S
+/// micro-batches, micro-batch k is tokens [k·B·T, k·B·T + B·T + 1) of the file, and the stream
+/// wraps only after the last (before 2026-11-29 the last 1% was silently held out, and such a
+/// run wrapped one batch early). Held out on request: the split leaves the training part whole
+/// batches of the front and the rest to validation.
+fn reads_the_whole_file_in_order<R: BackendRuntime>(dev: &Device<R>) {
+    let (config, options) = small_run(3);
+    let (b, t, steps) = (options.batch, options.seq_len, 5usize);
+    let tokens: Vec<u32> = (0..steps * b * t + 1).map(|i| (i * 7 % 251) as u32).collect();
+    let dir = scratch_dir("whole-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("exact.bin");
+    std::fs::write(&file, tokens.iter().flat_map(|&x| (x as u16).to_le_bytes()).collect::<Vec<u8>>())
+        .unwrap();
+    let stream = TokenStream::open(&file, trainer::data::TokenFormat::Llama2c).unwrap();
+    let params = model::init::initial_params(&config, 0);
+    let model =
+        Llama::new(dev, config.clone(), Params::<R, f32>::from_host(dev, &config, &params).unwrap()).unwrap();
+    let trainer = Trainer::new(dev, model, options.clone(), &stream).unwrap();
+    assert!(!trainer.has_validation());
+    for k in 0..steps {
+        let (inputs, targets) = trainer.micro_batch(k as u64).unwrap().unwrap();
+        let window = &tokens[k * b * t..k * b * t + b * t + 1];
+        assert_eq!(inputs, window[..b * t], "inputs of micro-batch {k}");
+        let shifted: Vec<i32> = window[1..].iter().map(|&x| x as i32).collect();
+        assert_eq!(targets, shifted, "targets of micro-batch {k}");
+    }
+    let wrapped = trainer.micro_batch(steps as u64).unwrap().unwrap();
+    assert_eq!(wrapped.0, tokens[..b * t], "the stream wraps to its start only after its last batch");
+
+    // Asked for, validation is the last max(1%, one batch + 1) tokens.
+    let (train, val) = split(&stream, 0.01, b, t).unwrap();
+    let val = val.expect("room for both");
+    assert_eq!((train.len(), val.len()), (tokens.len() - (b * t + 1), b * t + 1));
+    assert_eq!(val.to_vec(), tokens[train.len()..]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn without_evaluation_the_whole_file_trains_in_order() {
+    on_test_backend!(reads_the_whole_file_in_order);
 }

@@ -9,7 +9,6 @@
 use crate::data::{DetectedFormat, TokenStream, documents};
 use crate::tokenizer::TextTokenizer;
 use model::init::SplitMix64;
-use std::path::PathBuf;
 
 /// How the built-in corpus is named in output and checkpoints.
 pub const NAME: &str = "built-in corpus (generated sentences, byte tokens)";
@@ -103,6 +102,6 @@ pub fn stream(bytes: usize, seed: u64) -> crate::Result<(TokenStream, TextTokeni
     let tokenizer = TextTokenizer::bytes();
     let text = text(bytes, seed);
     let tokens = tokenizer.encode_all(documents(&text), true)?.concat();
-    let stream = TokenStream { path: PathBuf::from(NAME), format: DetectedFormat::Text, tokens };
+    let stream = TokenStream::from_tokens(NAME, DetectedFormat::Text, tokens);
     Ok((stream, tokenizer))
 }

@@ -7,6 +7,8 @@ pub enum TrainError {
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("training options: {0}")]
     Options(String),

@@ -1,6 +1,9 @@
 //! Loops over the model: training, evaluation, and the data they read.
 //!
-//! - [`data`]: token files (llm.c shards, llama2.c `.bin`) and the batches cut from them.
+//! - [`data`]: token files (llm.c shards, llama2.c `.bin`, memory-mapped), text with its token
+//!   cache, and the batches cut from them.
+//! - [`source`]: `--data` globs, and the record of a run's files (size, content hash) that
+//!   `--resume` checks.
 //! - [`corpus`]: the built-in corpus of the default run (generated text, byte tokens).
 //! - [`schedule`]: Llama 2's warm-up + cosine learning rate.
 //! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
@@ -18,6 +21,7 @@ pub mod generate;
 pub mod optimizer;
 pub mod schedule;
 pub mod sft;
+pub mod source;
 pub mod tokenizer;
 pub mod train;
 

@@ -5,7 +5,9 @@
 //! - micro-batch `k` uses tokens `[k·B·T, k·B·T + B·T + 1)` of the training stream (inputs the
 //!   first B·T, targets the last B·T, as B rows of T), wrapping to the start when too few
 //!   tokens remain; an optimizer step uses `grad_accum` consecutive micro-batches and the mean
-//!   of their losses (the summed gradients are scaled by 1/K);
+//!   of their losses (the summed gradients are scaled by 1/K). The training stream is all of
+//!   the data unless the run evaluates without separate validation files, when [`split`] holds
+//!   out its end;
 //! - the rate at 0-indexed step `s` is [`Schedule::lr`]; the logged loss is the step's forward
 //!   loss before its update; the gradient norm is the global L2 norm before clipping.
 //!
@@ -18,6 +20,7 @@ use crate::error::{Result, TrainError};
 use crate::optimizer::Optimizer;
 use crate::schedule::Schedule;
 use crate::sft::{Encoded, Packing, SftBatches, SftOptions};
+use crate::source::{DataSource, HeldOut};
 use crate::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement};
@@ -49,7 +52,8 @@ pub struct TrainOptions {
     pub eps: f64,
     pub grad_clip: f64,
     pub seed: u64,
-    /// Fraction of the token stream held out at its end for validation.
+    /// Fraction of the data held out at its end for validation, when the run evaluates and has
+    /// no separate validation files (see [`split`]).
     pub val_fraction: f64,
     /// Batches of the held-out slice scored per evaluation.
     pub val_batches: usize,
@@ -120,6 +124,24 @@ pub struct TrainState {
     /// Set for supervised fine-tuning runs.
     #[serde(default)]
     pub sft: Option<SftOptions>,
+    /// The training data's files and their fingerprints: `--resume` reads them again and
+    /// refuses changed ones. Absent in checkpoints written before 2026-11-29.
+    #[serde(default)]
+    pub source: Option<DataSource>,
+    /// What the run holds out for validation and how often it evaluates.
+    #[serde(default)]
+    pub validation: Option<Validation>,
+    /// The compute type (`f32`, `f16`, `bf16`).
+    #[serde(default)]
+    pub dtype: Option<String>,
+}
+
+/// A run's validation: the data and the evaluation interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Validation {
+    pub held_out: HeldOut,
+    /// Evaluate every this many steps (and at the last); `None` when the run does not evaluate.
+    pub eval_every: Option<u64>,
 }
 
 /// One optimizer step's figures.
@@ -134,33 +156,33 @@ pub struct StepReport {
     pub tokens_per_s: f64,
 }
 
-/// The train/validation split of a token stream: validation is the last `fraction` (at least one
-/// batch) when the stream is long enough for both, else nothing is held out.
-pub fn split(stream: &TokenStream, options: &TrainOptions) -> Result<(TokenStream, Option<TokenStream>)> {
-    let batch_tokens = options.batch * options.seq_len + 1;
-    let n = stream.tokens.len();
+/// The train/validation split of a token stream for a run that evaluates without separate
+/// validation files: validation is the last `fraction` of the tokens (at least one batch of
+/// `batch × seq`, plus the one token a batch reads past its end) when the stream is long enough
+/// for both, else nothing is held out. Both parts are views of `stream`'s files.
+pub fn split(
+    stream: &TokenStream,
+    fraction: f64,
+    batch: usize,
+    seq: usize,
+) -> Result<(TokenStream, Option<TokenStream>)> {
+    let batch_tokens = batch * seq + 1;
+    let n = stream.len();
     if n < batch_tokens {
         return Err(crate::data::DataError::TooShort {
             path: stream.path.clone(),
             tokens: n,
             needed: batch_tokens,
-            batch: options.batch,
-            seq: options.seq_len,
+            batch,
+            seq,
         }
         .into());
     }
-    let held = ((n as f64 * options.val_fraction) as usize).max(batch_tokens);
+    let held = ((n as f64 * fraction) as usize).max(batch_tokens);
     if n < held + batch_tokens {
-        let train =
-            TokenStream { path: stream.path.clone(), format: stream.format, tokens: stream.tokens.clone() };
-        return Ok((train, None));
+        return Ok((stream.clone(), None));
     }
-    let part = |tokens: &[u32]| TokenStream {
-        path: stream.path.clone(),
-        format: stream.format,
-        tokens: tokens.to_vec(),
-    };
-    Ok((part(&stream.tokens[..n - held]), Some(part(&stream.tokens[n - held..]))))
+    Ok((stream.slice(0, n - held), Some(stream.slice(n - held, held))))
 }
 
 /// Encoded SFT examples (see [`crate::sft`]) and the held-out ones.
@@ -175,15 +197,16 @@ pub struct SftData {
 
 /// What a run trains on.
 pub enum TrainData<'a> {
-    /// Pretraining on a token stream; its last `val_fraction` is held out.
-    Tokens(&'a TokenStream),
+    /// Pretraining on a token stream, validating on `val` (none: nothing is held out).
+    Tokens { train: &'a TokenStream, val: Option<&'a TokenStream> },
     /// Supervised fine-tuning: packed examples, loss on answer tokens only.
     Sft(SftData),
 }
 
 impl<'a> From<&'a TokenStream> for TrainData<'a> {
+    /// Every token for training, no validation.
     fn from(stream: &'a TokenStream) -> Self {
-        Self::Tokens(stream)
+        Self::Tokens { train: stream, val: None }
     }
 }
 
@@ -220,7 +243,7 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 }
 
 /// Refuses the first id of `tokens` (read from `path`) that reaches past `vocab_size`.
-fn check_vocabulary(path: &Path, tokens: impl Iterator<Item = u32>, vocab_size: usize) -> Result<()> {
+fn check_ids(path: &Path, tokens: impl Iterator<Item = u32>, vocab_size: usize) -> Result<()> {
     match tokens.enumerate().find(|&(_, id)| id as usize >= vocab_size) {
         Some((position, id)) => Err(crate::data::DataError::OutOfVocabulary {
             path: path.to_path_buf(),
@@ -244,16 +267,26 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         options.validate()?;
         let vocab_size = model.config.vocab_size;
         let (source, path, sft) = match data.into() {
-            TrainData::Tokens(data) => {
-                let (train, val) = split(data, &options)?;
-                // Check every id once up front: a bad token is an error before any step runs.
-                check_vocabulary(&data.path, data.tokens.iter().copied(), vocab_size)?;
+            TrainData::Tokens { train, val } => {
+                train.plan(options.batch, options.seq_len, None)?;
+                for stream in std::iter::once(train).chain(val) {
+                    // Streams in memory are checked whole up front, so a bad id is an error before
+                    // any step runs; mapped files (corpus-sized) are checked batch by batch as
+                    // they are read, naming the file and position all the same.
+                    if stream.in_memory() {
+                        stream.check_vocabulary(vocab_size)?;
+                    }
+                }
+                if let Some(val) = val {
+                    val.plan(options.batch, options.seq_len, None)?;
+                }
                 let batches_per_epoch = train.batches(options.batch, options.seq_len) as u64;
-                (Source::Stream { train, val, batches_per_epoch }, data.path.clone(), None)
+                let path = train.path.clone();
+                (Source::Stream { train: train.clone(), val: val.cloned(), batches_per_epoch }, path, None)
             }
             TrainData::Sft(data) => {
                 let all = data.train.iter().chain(&data.val).flat_map(|e| e.tokens.iter().copied());
-                check_vocabulary(&data.path, all.chain([data.pad]), vocab_size)?;
+                check_ids(&data.path, all.chain([data.pad]), vocab_size)?;
                 if data.train.is_empty() {
                     return Err(TrainError::Options(format!(
                         "{}: no training examples",
@@ -291,6 +324,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             options: options.clone(),
             data: path.display().to_string(),
             sft,
+            source: None,
+            validation: None,
+            dtype: Some(F::DTYPE.to_string()),
         };
         Ok(Self { model, options, state, tokenizer: None, grads, acts, optimizer, source })
     }
@@ -332,17 +368,23 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         }
     }
 
+    /// Inputs and targets of micro-batch `index` of a pretraining run (counted from the run's
+    /// start): batch `index mod N` of the training stream, N its whole batches, so the stream is
+    /// read in order and wraps only after its last whole batch. `None` for SFT runs.
+    pub fn micro_batch(&self, index: u64) -> Result<Option<(Vec<u32>, Vec<i32>)>> {
+        let Source::Stream { train, batches_per_epoch, .. } = &self.source else { return Ok(None) };
+        let (b, t) = (self.options.batch, self.options.seq_len);
+        let k = (index % *batches_per_epoch) as usize;
+        Ok(Some(train.batch(k, b, t, self.model.config.vocab_size)?))
+    }
+
     /// The micro-batches of the next optimizer step (inputs, targets).
     fn next_micro_batches(&mut self) -> Result<Vec<(Vec<u32>, Vec<i32>)>> {
-        let (b, t, k) = (self.options.batch, self.options.seq_len, self.options.grad_accum);
-        let vocab = self.model.config.vocab_size;
+        let k = self.options.grad_accum;
         let batches = match &mut self.source {
-            Source::Stream { train, batches_per_epoch, .. } => (0..k as u64)
-                .map(|i| {
-                    let index = ((self.state.micro_batches + i) % *batches_per_epoch) as usize;
-                    train.batch(index, b, t, vocab)
-                })
-                .collect::<std::result::Result<Vec<_>, _>>()?,
+            Source::Stream { .. } => (0..k as u64)
+                .map(|i| Ok(self.micro_batch(self.state.micro_batches + i)?.expect("a stream")))
+                .collect::<Result<Vec<_>>>()?,
             Source::Sft { train, .. } => {
                 let (epoch, first) = train.locate(self.state.step, k);
                 let end = (first + k as u64).min(train.micro_batches(epoch));
@@ -513,5 +555,5 @@ fn read_moments(path: &Path, specs: &[model::ParamSpec]) -> Result<Vec<(Vec<f32>
 
 /// A token stream held in memory under a descriptive name (the built-in corpus).
 pub fn in_memory_stream(name: &str, tokens: Vec<u32>) -> TokenStream {
-    TokenStream { path: PathBuf::from(name), format: DetectedFormat::Llama2c, tokens }
+    TokenStream::from_tokens(name, DetectedFormat::Llama2c, tokens)
 }

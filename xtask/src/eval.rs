@@ -16,9 +16,10 @@ pub struct EvalArgs {
     /// Checkpoint directory in the Hugging Face layout (config.json + safetensors).
     #[arg(long)]
     model: PathBuf,
-    /// Token file: an llm.c shard (uint16 or uint32) or a llama2.c headerless uint16 .bin.
-    #[arg(long)]
-    data: PathBuf,
+    /// Token files: llm.c shards (uint16 or uint32) or llama2.c headerless uint16 .bin, or glob
+    /// patterns; several are one stream, their concatenation in sorted path order.
+    #[arg(long, num_args = 1.., required = true, value_name = "FILE|GLOB")]
+    data: Vec<PathBuf>,
     /// How to read --data: auto (llm.c if the file starts with its magic, else llama2.c),
     /// llmc or llama2c.
     #[arg(long, default_value = "auto", value_parser = parse_format)]
@@ -60,8 +61,15 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.batch == 0 || args.seq_len == 0 {
         bail!("--batch and --seq-len must be positive");
     }
-    let stream = TokenStream::open(&args.data, args.data_format)?;
-    eprintln!("data: {} — {}, {} tokens", args.data.display(), stream.format, stream.tokens.len());
+    let files = trainer::source::expand(&args.data)?;
+    let stream = TokenStream::open_many(&files, args.data_format)?;
+    eprintln!(
+        "data: {} file(s) from {} — {}, {} tokens",
+        files.len(),
+        stream.path.display(),
+        stream.format,
+        stream.len()
+    );
     let report = dsl::on_device(backend, Eval { args: &args, stream: &stream })??;
     eprintln!(
         "loss {:.4}  perplexity {:.3}  over {} tokens ({} batches of {} × {}) in {:.1} s: {:.0} tokens/s",
@@ -78,7 +86,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let json = JsonReport {
             report: &report,
             model: args.model.display().to_string(),
-            data: args.data.display().to_string(),
+            data: files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" "),
             data_format: stream.format.to_string(),
             backend: backend.to_string(),
             dtype: args.dtype.clone(),

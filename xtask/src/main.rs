@@ -22,6 +22,8 @@ mod generate;
 mod init;
 mod peak;
 mod plot;
+mod run_data;
+mod setup;
 mod sft;
 mod test;
 mod train;
@@ -35,6 +37,16 @@ use dsl::Backend;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Never install a Vulkan driver: without this, a wgpu command that finds no adapter on
+    /// Debian/Ubuntu installs Mesa's lavapipe (apt-get) and runs again.
+    #[arg(
+        long,
+        global = true,
+        env = setup::NO_INSTALL_ENV,
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    no_install: bool,
 }
 
 /// `--backend`, shared by every command; falls back to `CUBELLAMA_BACKEND`, then wgpu.
@@ -83,9 +95,30 @@ enum Command {
     Config(init::ConfigArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match run(cli.command) {
+        Err(error) if setup::is_missing_wgpu_adapter(&error) => {
+            setup::install_driver_and_rerun(error, cli.no_install)
+        }
+        result => result,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The cause chain, without the backtrace anyhow captures under RUST_BACKTRACE: a
+            // user's error is the message, not where in our code it surfaced.
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Train(args) => train::run(*args),

@@ -12,8 +12,9 @@ use trainer::generate::{Sampling, generate};
 use trainer::sft::{
     self, DEFAULT_SEPARATOR, Encoded, Example, Overlong, Packing, SftBatches, SftOptions, SpecialIds,
 };
+use trainer::source::{self, DataSource, HeldOut};
 use trainer::tokenizer::TextTokenizer;
-use trainer::train::{SftData, TrainData, TrainOptions, Trainer, read_state};
+use trainer::train::{SftData, TrainData, TrainOptions, TrainState, Trainer, Validation, read_state};
 
 /// Sequences per optimizer step in Llama 2's SFT.
 const SFT_SEQUENCES_PER_STEP: usize = 64;
@@ -73,28 +74,98 @@ struct Prepared {
     examples: Vec<Example>,
     resume: Option<PathBuf>,
     model: Option<PathBuf>,
+    source: DataSource,
+    validation: Validation,
+    dtype: String,
+}
+
+/// The SFT data file and its record: `--data` (one file), or on `--resume` the recorded file,
+/// which must not have changed (unless `--allow-data-change`).
+fn sft_source(args: &SftArgs, saved: Option<&TrainState>) -> Result<(PathBuf, DataSource)> {
+    let record = |path: &PathBuf| -> Result<DataSource> {
+        let files = source::fingerprint(std::slice::from_ref(path))?;
+        Ok(DataSource::Files { format: "jsonl".into(), doc_separator: None, files })
+    };
+    let given = match args.train.data.as_slice() {
+        [] => None,
+        [one] => Some(one.clone()),
+        many => bail!("sft reads one JSON Lines file; --data named {}", many.len()),
+    };
+    let Some(state) = saved else {
+        let Some(path) = given else {
+            bail!("sft needs --data FILE.jsonl (one {{\"prompt\": …, \"response\": …}} per line)")
+        };
+        let source = record(&path)?;
+        return Ok((path, source));
+    };
+    let dir = args.train.resume.as_ref().expect("resuming").display();
+    let recorded = state.source.as_ref();
+    let path = match (given, recorded) {
+        (Some(path), _) => path,
+        (None, Some(recorded)) => recorded.paths().into_iter().next().context("the record names no file")?,
+        (None, None) => bail!(
+            "--resume {dir}: the checkpoint does not record its data's file (written before 2026-11-29); \
+             pass --data with the file it trained on ({})",
+            state.data
+        ),
+    };
+    let now = record(&path)?;
+    match recorded.and_then(|r| r.difference(&now)) {
+        Some(why) if args.train.allow_data_change => {
+            eprintln!("warning: --allow-data-change: {why}; training on {}", now.describe())
+        }
+        Some(why) => bail!(
+            "--resume {dir}: {why}. A resumed run trains on the data it started with; pass \
+             --allow-data-change to continue on other data anyway"
+        ),
+        None => {}
+    }
+    Ok((path, now))
 }
 
 pub fn run(args: SftArgs) -> Result<()> {
     let Some(backend) = args.train.backend.resolve_or_reexec()? else { return Ok(()) };
-    let Some(data) = &args.train.data else {
-        bail!("sft needs --data FILE.jsonl (one {{\"prompt\": …, \"response\": …}} per line)")
-    };
     if args.train.model.is_none() && args.train.resume.is_none() {
         bail!("sft needs --model DIR (the checkpoint to fine-tune) or --resume DIR");
     }
-    let examples = sft::read_jsonl(data)?;
+    let saved = args.train.resume.as_ref().map(|dir| read_state(dir)).transpose()?;
+    if let (Some(dir), Some(state)) = (&args.train.resume, &saved)
+        && state.sft.is_none()
+    {
+        bail!("--resume {}: a pretraining checkpoint; resume it with `cargo xtask train`", dir.display())
+    }
+    let (data, source) = sft_source(&args, saved.as_ref())?;
+    let examples = sft::read_jsonl(&data)?;
     eprintln!("data: {} — {} examples", data.display(), examples.len());
-    let prepared = if let Some(dir) = &args.train.resume {
-        let mut state = read_state(dir)?;
-        let Some(sft) = state.sft.clone() else {
-            bail!("--resume {}: a pretraining checkpoint; resume it with `cargo xtask train`", dir.display())
-        };
+    let prepared = if let (Some(dir), Some(mut state)) = (&args.train.resume, saved) {
+        let sft = state.sft.clone().expect("checked above");
+        args.train.refuse_changes_on_resume(dir, &state)?;
+        if sft.separator != args.separator || sft.overlong != args.overlong {
+            bail!(
+                "--resume {}: --separator {:?} and --overlong {:?} would change the run (its: {:?}, {:?})",
+                dir.display(),
+                args.separator,
+                args.overlong,
+                sft.separator,
+                sft.overlong
+            );
+        }
         if let Some(steps) = args.train.steps {
             state.options.steps = steps;
         }
         let tokenizer = args.train.given_tokenizer()?.context("the checkpoint has no tokenizer.json")?;
         let vocab_size = args.train.config()?.vocab_size;
+        let validation = state.validation.clone().unwrap_or(Validation {
+            held_out: HeldOut::Fraction { fraction: state.options.val_fraction },
+            eval_every: None,
+        });
+        let eval_every = args.train.eval_every.or(validation.eval_every);
+        if validation.held_out == HeldOut::None && args.train.eval_every.is_some() {
+            bail!(
+                "--eval-every: this run holds no examples out (it started without --eval-every), and \
+                 holding some out now would change what it trains on"
+            );
+        }
         Prepared {
             tokenizer,
             vocab_size,
@@ -103,6 +174,9 @@ pub fn run(args: SftArgs) -> Result<()> {
             examples,
             resume: Some(dir.clone()),
             model: None,
+            source,
+            validation: Validation { eval_every, ..validation },
+            dtype: state.dtype.or(args.train.dtype.clone()).unwrap_or_else(|| "f32".into()),
         }
     } else {
         let Some(mut tokenizer) = args.train.given_tokenizer()? else {
@@ -124,6 +198,22 @@ pub fn run(args: SftArgs) -> Result<()> {
         let options = sft_options(&args, &config)?;
         let sft =
             SftOptions { epochs: args.epochs, separator: args.separator.clone(), overlong: args.overlong };
+        if !args.train.val_data.is_empty() {
+            bail!(
+                "sft holds out part of --data for validation (--eval-every, --val-fraction); --val-data is for train"
+            );
+        }
+        let validation = match args.train.eval_every {
+            Some(0) => bail!("--eval-every must be at least 1"),
+            Some(every) => Validation {
+                held_out: HeldOut::Fraction { fraction: options.val_fraction },
+                eval_every: Some(every),
+            },
+            None if args.train.val_fraction.is_some() => {
+                bail!("--val-fraction needs --eval-every N (how often to evaluate)")
+            }
+            None => Validation { held_out: HeldOut::None, eval_every: None },
+        };
         Prepared {
             tokenizer,
             vocab_size,
@@ -132,9 +222,12 @@ pub fn run(args: SftArgs) -> Result<()> {
             examples,
             resume: None,
             model: args.train.model.clone(),
+            source,
+            validation,
+            dtype: args.train.dtype.clone().unwrap_or_else(|| "f32".into()),
         }
     };
-    dsl::on_device(backend, Sft { args: &args, prepared, data: data.clone() })?
+    dsl::on_device(backend, Sft { args: &args, prepared, data })?
 }
 
 /// The options: Llama 2's SFT recipe under the flags given. The micro-batch split is settled
@@ -164,7 +257,7 @@ impl OnDevice for Sft<'_> {
     type Output = Result<()>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
         eprintln!("device: {}", dev.info());
-        match self.args.train.dtype.as_str() {
+        match self.prepared.dtype.as_str() {
             "f16" => self.run_as::<R, half::f16>(dev),
             "bf16" => self.run_as::<R, half::bf16>(dev),
             _ => self.run_as::<R, f32>(dev),
@@ -174,7 +267,18 @@ impl OnDevice for Sft<'_> {
 
 impl Sft<'_> {
     fn run_as<R: BackendRuntime, F: FloatElement>(self, dev: &Device<R>) -> Result<()> {
-        let Prepared { tokenizer, vocab_size, mut options, sft, examples, resume, model } = self.prepared;
+        let Prepared {
+            tokenizer,
+            vocab_size,
+            mut options,
+            sft,
+            examples,
+            resume,
+            model,
+            source,
+            validation,
+            dtype: _,
+        } = self.prepared;
         let train_args = &self.args.train;
         if resume.is_none() {
             // 64 sequences per step, through accumulation when a micro-batch would not fit.
@@ -198,7 +302,11 @@ impl Sft<'_> {
             report.tokens,
             report.answer_tokens
         );
-        let held = (encoded.len() as f64 * options.val_fraction) as usize;
+        // Examples are held out only when the run evaluates.
+        let held = match validation.held_out {
+            HeldOut::Fraction { fraction } => (encoded.len() as f64 * fraction) as usize,
+            _ => 0,
+        };
         let (train, val): (Vec<Encoded>, Vec<Encoded>) = {
             let mut train = encoded;
             let val = train.split_off(train.len() - held);
@@ -223,7 +331,7 @@ impl Sft<'_> {
             sft.epochs
         );
         let data = SftData { path: self.data.clone(), train, val, pad: ids.eos, options: sft };
-        let control = train_args.run_control("runs/sft");
+        let control = train_args.run_control("runs/sft", validation.eval_every);
         control.check_out()?;
         let mut trainer = match (&resume, &model) {
             (Some(dir), _) => {
@@ -243,8 +351,13 @@ impl Sft<'_> {
             (None, None) => unreachable!("checked before the device opened"),
         };
         trainer.tokenizer = Some(tokenizer.clone());
+        trainer.state.source = Some(source);
+        trainer.state.validation = Some(validation);
         drive(dev, &mut trainer, &control)?;
         // Show the fine-tuned model on a few held-out prompts.
+        if held == 0 {
+            eprintln!("(no examples were held out: pass --eval-every N to hold out --val-fraction of them)");
+        }
         for example in examples[examples.len() - held.min(3)..].iter() {
             let prompt = ids.prompt_tokens(&tokenizer, &example.prompt)?;
             let sampling = Sampling { stop_at: Some(ids.eos), ..Sampling::GREEDY };

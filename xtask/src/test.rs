@@ -28,5 +28,20 @@ pub fn run_tests(backend: Backend, test_args: &[String]) -> Result<()> {
 
 pub fn run(args: TestArgs) -> Result<()> {
     // Not `resolve`: the backend under test need not be compiled into xtask itself.
-    run_tests(args.backend.backend.unwrap_or(Backend::Wgpu), &args.test_args)
+    let backend = args.backend.backend.unwrap_or(Backend::Wgpu);
+    if backend == Backend::Wgpu && backend.is_compiled() {
+        // Open the device here first: without a driver this fails in one place, where the
+        // driver can be installed, instead of in every test.
+        dsl::on_device(backend, Probe)?;
+    }
+    run_tests(backend, &args.test_args)
+}
+
+struct Probe;
+
+impl dsl::OnDevice for Probe {
+    type Output = ();
+    fn run<R: dsl::BackendRuntime>(self, device: &dsl::Device<R>) {
+        eprintln!("device: {}", device.info());
+    }
 }

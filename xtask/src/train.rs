@@ -2,6 +2,7 @@
 //! the `tiny` preset on the built-in corpus that ends by printing a sample.
 
 use crate::BackendArg;
+use crate::run_data::{RunData, pretraining_data};
 use anyhow::{Context, Result, bail};
 use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -11,10 +12,10 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use trainer::corpus;
-use trainer::data::{TokenFormat, TokenStream, documents, read_text};
+use trainer::data::TokenFormat;
+use trainer::source::{DataSource, HeldOut};
 use trainer::tokenizer::{TOKENIZER_FILE, TextTokenizer};
-use trainer::train::{TrainOptions, Trainer};
+use trainer::train::{TrainData, TrainOptions, TrainState, Trainer, read_state};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -23,26 +24,46 @@ pub struct TrainArgs {
     /// Start from this Hugging Face-layout checkpoint.
     #[arg(long, conflicts_with_all = ["preset", "resume"])]
     pub model: Option<PathBuf>,
-    /// Start from a fresh N(0, 0.02²) initialisation of this preset (default: tiny).
+    /// Start from a fresh N(0, 0.02²) initialisation of this preset (default: tiny); its
+    /// vocabulary is sized to the tokenizer (or to --vocab-size).
     #[arg(long, conflicts_with = "resume")]
     pub preset: Option<String>,
-    /// Continue the run saved in this directory (its options are used; --steps may extend it).
+    /// Continue the run saved in this directory: its options, data files (checked against their
+    /// recorded size and hash) and tokenizer are used; --steps may extend it. Options that would
+    /// change its numbers are refused.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Token file (llm.c shard or llama2.c .bin) or UTF-8 text (.txt, .md, or --data-format
-    /// text). Default: the built-in corpus.
+    /// Token files (llm.c shards, llama2.c .bin; memory-mapped) or UTF-8 text (.txt, .md, or
+    /// --data-format text): files or glob patterns ('shards/train_*.bin'), several allowed; the
+    /// stream is the concatenation of every file named, in sorted path order. Token files must
+    /// not be modified while a run reads them. Default: the built-in corpus.
+    #[arg(long, num_args = 1.., value_name = "FILE|GLOB")]
+    pub data: Vec<PathBuf>,
+    /// auto, llmc, llama2c or text [default: auto].
+    #[arg(long, value_parser = parse_format)]
+    pub data_format: Option<TokenFormat>,
+    /// Validation files (same forms as --data), evaluated every --eval-every steps; nothing is
+    /// held out of --data then.
+    #[arg(long, num_args = 1.., value_name = "FILE|GLOB")]
+    pub val_data: Vec<PathBuf>,
+    /// With --eval-every and no --val-data: the fraction of --data held out at its end (at least
+    /// one batch) [default: 0.01]. Without --eval-every nothing is held out.
     #[arg(long)]
-    pub data: Option<PathBuf>,
-    /// auto, llmc, llama2c or text.
-    #[arg(long, default_value = "auto", value_parser = parse_format)]
-    data_format: TokenFormat,
+    pub val_fraction: Option<f64>,
+    /// Text data: documents end at lines equal to this marker (e.g. '%' for fortune files)
+    /// instead of at blank lines.
+    #[arg(long, value_name = "LINE")]
+    pub doc_separator: Option<String>,
+    /// With --resume: train on --data even though it differs from the run's recorded data.
+    #[arg(long)]
+    pub allow_data_change: bool,
     /// A Hugging Face tokenizer.json for text data (saved with the run). Text without one
     /// trains a byte-level BPE of --vocab-size tokens on it. Default: the one in --model or
     /// --resume, if any.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Tokens of the BPE trained on text data when no tokenizer is given (default: the
-    /// model's vocabulary size).
+    /// Vocabulary of a fresh preset (default: the tokenizer's size, else the preset's), and the
+    /// size of the BPE trained on text data when no tokenizer is given.
     #[arg(long)]
     pub vocab_size: Option<usize>,
     /// Optimizer steps.
@@ -83,7 +104,8 @@ pub struct TrainArgs {
     /// replaces whole).
     #[arg(long)]
     pub log: Option<PathBuf>,
-    /// Evaluate on the held-out slice every N steps.
+    /// Evaluate every N steps (and at the last) on --val-data, or on the last --val-fraction of
+    /// --data, held out from training only then.
     #[arg(long)]
     pub eval_every: Option<u64>,
     /// Save a checkpoint to --out every N steps.
@@ -93,9 +115,9 @@ pub struct TrainArgs {
     /// bf16), for the model FLOP utilisation; known NVIDIA GPUs are detected.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
-    /// Compute type: f32 (default), f16, or bf16 (cuda).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
-    pub dtype: String,
+    /// Compute type: f32, f16, or bf16 (cuda) [default: f32, or the resumed run's].
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    pub dtype: Option<String>,
 }
 
 fn parse_format(s: &str) -> Result<TokenFormat, String> {
@@ -103,7 +125,7 @@ fn parse_format(s: &str) -> Result<TokenFormat, String> {
 }
 
 /// The built-in demo: 300 steps of 8 × 64 bytes, about 3 minutes on lavapipe with 2 cores; the
-/// loss falls from ln(512) ≈ 6.3 to about 3.4 and the greedy sample reads as the corpus's
+/// loss falls from ln(258) ≈ 5.6 to about 0.5 and the greedy sample reads as the corpus's
 /// sentences. A higher rate and a short warm-up suit a tiny model on a few hundred thousand
 /// tokens; everything else is Llama 2's recipe.
 fn demo_options() -> TrainOptions {
@@ -111,8 +133,8 @@ fn demo_options() -> TrainOptions {
 }
 
 impl TrainArgs {
-    fn is_demo(&self) -> bool {
-        self.data.is_none() && self.resume.is_none()
+    pub fn is_demo(&self) -> bool {
+        self.data.is_empty() && self.resume.is_none()
     }
 
     /// The options: each flag given, else `base`'s value.
@@ -131,6 +153,7 @@ impl TrainArgs {
             eps: self.eps.unwrap_or(base.eps),
             grad_clip: self.grad_clip.unwrap_or(base.grad_clip),
             seed: self.seed.unwrap_or(base.seed),
+            val_fraction: self.val_fraction.unwrap_or(base.val_fraction),
             ..base
         }
     }
@@ -153,7 +176,8 @@ impl TrainArgs {
         }
     }
 
-    /// The configuration the run will train: --model's or --resume's config.json, else the preset.
+    /// The configuration the run will train: --model's or --resume's config.json, else the
+    /// preset's (before its vocabulary is sized, see [`sized_preset`]).
     pub fn config(&self) -> Result<LlamaConfig> {
         Ok(match self.model.as_ref().or(self.resume.as_ref()) {
             Some(dir) => LlamaConfig::load(&dir.join("config.json"))?,
@@ -161,8 +185,8 @@ impl TrainArgs {
         })
     }
 
-    /// Where checkpoints, log and plot go, and when.
-    pub fn run_control(&self, default_out: &str) -> RunControl {
+    /// Where checkpoints, log and plot go, and when; `eval_every` as the run's validation says.
+    pub fn run_control(&self, default_out: &str, eval_every: Option<u64>) -> RunControl {
         let out = self.out_dir(default_out);
         let log = self.log.clone().unwrap_or_else(|| sibling(&out, "log.jsonl"));
         RunControl {
@@ -170,10 +194,77 @@ impl TrainArgs {
             out,
             log,
             append_log: self.resume.is_some(),
-            eval_every: self.eval_every.or(if self.is_demo() { Some(50) } else { None }),
+            eval_every,
             save_every: self.save_every,
             peak_tflops: self.peak_tflops,
         }
+    }
+
+    /// Refuses, naming each, the options given with --resume that would change the numbers of
+    /// the run saved as `state` in `dir` (a value equal to the saved one is accepted).
+    pub fn refuse_changes_on_resume(&self, dir: &Path, state: &TrainState) -> Result<()> {
+        let saved = &state.options;
+        let mut changed = Vec::new();
+        let mut check = |flag: &str, given: Option<String>, saved: String| {
+            if let Some(given) = given
+                && given != saved
+            {
+                changed.push(format!("--{flag} {given} (the run's: {saved})"));
+            }
+        };
+        check("batch", self.batch.map(|v| v.to_string()), saved.batch.to_string());
+        check("seq-len", self.seq_len.map(|v| v.to_string()), saved.seq_len.to_string());
+        check("grad-accum", self.grad_accum.map(|v| v.to_string()), saved.grad_accum.to_string());
+        check("lr", self.lr.map(|v| v.to_string()), saved.lr.to_string());
+        check("warmup", self.warmup.map(|v| v.to_string()), saved.warmup.to_string());
+        check("min-lr-ratio", self.min_lr_ratio.map(|v| v.to_string()), saved.min_lr_ratio.to_string());
+        check("weight-decay", self.weight_decay.map(|v| v.to_string()), saved.weight_decay.to_string());
+        check("beta1", self.beta1.map(|v| v.to_string()), saved.beta1.to_string());
+        check("beta2", self.beta2.map(|v| v.to_string()), saved.beta2.to_string());
+        check("eps", self.eps.map(|v| v.to_string()), saved.eps.to_string());
+        check("grad-clip", self.grad_clip.map(|v| v.to_string()), saved.grad_clip.to_string());
+        check("seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
+        if let Some(held) = state.validation.as_ref().map(|v| &v.held_out) {
+            let fraction = match held {
+                HeldOut::Fraction { fraction } => fraction.to_string(),
+                _ => "none".into(),
+            };
+            check("val-fraction", self.val_fraction.map(|v| v.to_string()), fraction);
+        }
+        if let Some(dtype) = &state.dtype {
+            check("dtype", self.dtype.clone(), dtype.clone());
+        }
+        if let Some(DataSource::Files { doc_separator, .. }) = &state.source {
+            let saved = doc_separator.clone().unwrap_or_else(|| "(blank lines)".into());
+            check("doc-separator", self.doc_separator.clone(), saved);
+        }
+        let model_vocab = LlamaConfig::load(&dir.join("config.json"))?.vocab_size;
+        check("vocab-size", self.vocab_size.map(|v| v.to_string()), model_vocab.to_string());
+        if let Some(path) = &self.tokenizer {
+            let saved = std::fs::read_to_string(dir.join(TOKENIZER_FILE)).ok();
+            let given =
+                std::fs::read_to_string(path).with_context(|| format!("--tokenizer {}", path.display()))?;
+            let same = saved.is_some_and(|saved| {
+                let parse = |s: &str| serde_json::from_str::<serde_json::Value>(s).ok();
+                parse(&saved).is_some() && parse(&saved) == parse(&given)
+            });
+            if !same {
+                changed.push(format!(
+                    "--tokenizer {} (differs from the run's {TOKENIZER_FILE})",
+                    path.display()
+                ));
+            }
+        }
+        if !changed.is_empty() {
+            bail!(
+                "--resume {}: {} would change the run's numbers: {}. Resume without them (only --steps \
+                 may extend the run), or start a new run",
+                dir.display(),
+                if changed.len() == 1 { "this option" } else { "these options" },
+                changed.join(", ")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -183,51 +274,98 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(format!("{name}-{suffix}"))
 }
 
-/// The data of a pretraining run and the tokenizer saved with it.
-fn pretraining_data(args: &TrainArgs) -> Result<(TokenStream, Option<TextTokenizer>)> {
-    let given = args.given_tokenizer()?;
-    let Some(path) = &args.data else {
-        // ~400 KB of generated text through the byte tokenizer.
-        let (stream, tokenizer) = corpus::stream(400_000, 0)?;
-        return Ok((stream, Some(tokenizer)));
-    };
-    if !args.data_format.is_text(path) {
-        return Ok((TokenStream::open(path, args.data_format)?, given));
-    }
-    let tokenizer = match given {
-        Some(tokenizer) => tokenizer,
-        None => {
-            let vocab_size = match args.vocab_size {
-                Some(v) => v,
-                None => args.config()?.vocab_size,
-            };
-            eprintln!("training a byte-level BPE tokenizer of {vocab_size} tokens on {}", path.display());
-            let text = read_text(path)?;
-            TextTokenizer::train_bpe(documents(&text).into_iter(), vocab_size)?
+/// A fresh preset's configuration with its vocabulary sized to the run: `--vocab-size` if given
+/// (at least the tokenizer's size), else the tokenizer's size, else the preset's.
+pub fn sized_preset(
+    args: &TrainArgs,
+    mut config: LlamaConfig,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<LlamaConfig> {
+    let preset = args.preset.as_deref().unwrap_or("tiny");
+    let size = match (args.vocab_size, tokenizer) {
+        (Some(v), Some(t)) if v < t.vocab_size() => {
+            bail!("--vocab-size {v} is smaller than the tokenizer's {} tokens ({})", t.vocab_size(), t.origin)
         }
+        (Some(v), _) => v,
+        (None, Some(t)) => t.vocab_size(),
+        (None, None) => config.vocab_size,
     };
-    let stream = TokenStream::open_text(path, &tokenizer)?;
-    Ok((stream, Some(tokenizer)))
+    if size != config.vocab_size {
+        let why = match (args.vocab_size, tokenizer) {
+            (Some(_), _) => "--vocab-size".to_string(),
+            (None, Some(t)) => format!("the tokenizer ({})", t.origin),
+            (None, None) => unreachable!("the preset's own size"),
+        };
+        eprintln!(
+            "vocabulary: {size} tokens, sized to {why} (the {preset} preset has {})",
+            config.vocab_size
+        );
+        config.vocab_size = size;
+    }
+    Ok(config)
+}
+
+/// Everything decided on the host before the device opens.
+struct Plan {
+    data: RunData,
+    options: TrainOptions,
+    /// A fresh run's configuration (`None` when loading --model or resuming).
+    config: Option<LlamaConfig>,
+    dtype: String,
+}
+
+fn plan(args: &TrainArgs) -> Result<Plan> {
+    if let Some(dir) = &args.resume {
+        let state = read_state(dir)?;
+        if state.sft.is_some() {
+            bail!("--resume {}: an SFT checkpoint; resume it with `cargo xtask sft`", dir.display());
+        }
+        args.refuse_changes_on_resume(dir, &state)?;
+        let config = LlamaConfig::load(&dir.join("config.json"))?;
+        let tokenizer = args.given_tokenizer()?;
+        let mut options = state.options.clone();
+        if let Some(steps) = args.steps {
+            options.steps = steps;
+        }
+        let data = pretraining_data(args, Some(&state), &options, tokenizer.as_ref(), config.vocab_size)?;
+        let dtype = state.dtype.clone().or(args.dtype.clone()).unwrap_or_else(|| "f32".into());
+        return Ok(Plan { data, options, config: None, dtype });
+    }
+    let options = args.options();
+    let given = args.given_tokenizer()?;
+    let base = args.config()?;
+    let bpe_size = args.vocab_size.unwrap_or(base.vocab_size);
+    let data = pretraining_data(args, None, &options, given.as_ref(), bpe_size)?;
+    let config = match &args.model {
+        Some(dir) => {
+            if let Some(tokenizer) = &data.tokenizer {
+                let config_file = dir.join("config.json");
+                tokenizer.check_fits(base.vocab_size, &format!("the model in {}", config_file.display()))?;
+            }
+            None
+        }
+        None => Some(sized_preset(args, base, data.tokenizer.as_ref())?),
+    };
+    let dtype = args.dtype.clone().unwrap_or_else(|| "f32".into());
+    Ok(Plan { data, options, config, dtype })
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let Some(backend) = args.backend.resolve_or_reexec()? else { return Ok(()) };
-    let (data, tokenizer) = pretraining_data(&args)?;
-    eprintln!("data: {} — {} tokens ({})", data.path.display(), data.tokens.len(), data.format);
-    dsl::on_device(backend, Train { args: &args, data: &data, tokenizer })?
+    let plan = plan(&args)?;
+    dsl::on_device(backend, Train { args: &args, plan })?
 }
 
 struct Train<'a> {
     args: &'a TrainArgs,
-    data: &'a TokenStream,
-    tokenizer: Option<TextTokenizer>,
+    plan: Plan,
 }
 
 impl OnDevice for Train<'_> {
     type Output = Result<()>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
         eprintln!("device: {}", dev.info());
-        match self.args.dtype.as_str() {
+        match self.plan.dtype.as_str() {
             "f16" => self.run_as::<R, half::f16>(dev),
             "bf16" => self.run_as::<R, half::bf16>(dev),
             _ => self.run_as::<R, f32>(dev),
@@ -237,28 +375,31 @@ impl OnDevice for Train<'_> {
 
 impl Train<'_> {
     fn run_as<R: BackendRuntime, F: FloatElement>(&self, dev: &Device<R>) -> Result<()> {
-        let args = self.args;
-        let control = args.run_control("runs/train");
+        let (args, plan) = (self.args, &self.plan);
+        let control = args.run_control("runs/train", plan.data.validation.eval_every);
         control.check_out()?;
+        let data = TrainData::Tokens { train: &plan.data.train, val: plan.data.val.as_ref() };
         let mut trainer = if let Some(dir) = &args.resume {
-            let t = Trainer::<R, F>::resume(dev, dir, self.data, args.steps)?;
+            let t = Trainer::<R, F>::resume(dev, dir, data, args.steps)?;
             eprintln!("resuming {} at step {}", dir.display(), t.state.step);
             t
         } else {
-            let options = args.options();
-            let model = match &args.model {
-                Some(dir) => {
+            let options = plan.options.clone();
+            let model = match (&args.model, &plan.config) {
+                (Some(dir), _) => {
                     Llama::<R, F>::load(dev, dir).with_context(|| format!("loading {}", dir.display()))?
                 }
-                None => {
-                    let config = args.config()?;
-                    let params = model::init::initial_params(&config, options.seed);
-                    Llama::new(dev, config.clone(), Params::from_host(dev, &config, &params)?)?
+                (None, Some(config)) => {
+                    let params = model::init::initial_params(config, options.seed);
+                    Llama::new(dev, config.clone(), Params::from_host(dev, config, &params)?)?
                 }
+                (None, None) => unreachable!("a fresh run without --model has a configuration"),
             };
-            Trainer::new(dev, model, options, self.data)?
+            Trainer::new(dev, model, options, data)?
         };
-        if let Some(tokenizer) = &self.tokenizer {
+        trainer.state.source = Some(plan.data.source.clone());
+        trainer.state.validation = Some(plan.data.validation.clone());
+        if let Some(tokenizer) = &plan.data.tokenizer {
             tokenizer.check_fits(trainer.model.config.vocab_size, "the model")?;
             trainer.tokenizer = Some(tokenizer.clone());
         }

@@ -1,6 +1,7 @@
-//! `cargo xtask train` killed with SIGKILL mid-run, then `--resume`d, logs the same losses bit
-//! for bit as a run that was never interrupted; the checkpoint it resumes from is whole even
-//! though the kill may land in the middle of writing one.
+//! `cargo xtask train` killed with SIGKILL mid-run, then `--resume`d without repeating its data
+//! or options, logs the same losses bit for bit as a run that was never interrupted; the
+//! checkpoint it resumes from is whole even though the kill may land in the middle of writing
+//! one. A resume that would train on changed data or with other options is refused, naming them.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -17,12 +18,13 @@ fn scratch() -> PathBuf {
     dir
 }
 
-/// `cargo xtask train` on `data` into `dir/out`; a resumed run takes its options from the
-/// checkpoint, so only fresh runs name the preset and recipe.
+/// `cargo xtask train` on `data` into `dir/out`; a resumed run takes its data and options from
+/// the checkpoint, so only fresh runs name the data, preset and recipe.
 fn train(dir: &Path, data: &Path, out: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    cmd.arg("train").args(["--data", data.to_str().unwrap(), "--data-format", "llama2c"]);
+    cmd.arg("train");
     if !extra.contains(&"--resume") {
+        cmd.args(["--data", data.to_str().unwrap(), "--data-format", "llama2c"]);
         cmd.args(["--preset", "tiny", "--batch", "2", "--seq-len", "32", "--lr", "3e-3", "--warmup", "2"]);
         cmd.args(["--steps", &STEPS.to_string()]);
     }
@@ -88,5 +90,33 @@ fn a_run_killed_mid_training_resumes_bit_identically() {
     assert!(status.success(), "resumed run failed");
     let got = losses(&dir.join("killed-log.jsonl"));
     assert_eq!(got, want, "losses after resuming from step {resumed_from} differ from the uninterrupted run");
+
+    // Refused before any step: options that change the numbers, then data that changed.
+    let straight = dir.join("straight");
+    let refused = |extra: &[&str], wanted: &[&str]| {
+        let mut args = vec!["--resume", straight.to_str().unwrap(), "--steps", "9"];
+        args.extend(extra);
+        let out = train(&dir, &data, "straight", &args).stderr(Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted:\n{stderr}");
+        for w in wanted {
+            assert!(stderr.contains(w), "{args:?}: no {w:?} in\n{stderr}");
+        }
+    };
+    // --batch 2 is the run's own value: accepted; --lr is not.
+    refused(
+        &["--lr", "1e-3", "--batch", "2"],
+        &["this option would change the run's numbers: --lr 0.001 (the run's: 0.003)."],
+    );
+    let other = dir.join("other.bin");
+    std::fs::write(&other, [1u8, 0, 2, 0]).unwrap();
+    refused(
+        &["--data", other.to_str().unwrap()],
+        &["the run read", "corpus.bin", "other.bin", "--allow-data-change"],
+    );
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&data, bytes).unwrap();
+    refused(&[], &["corpus.bin changed since the run read it"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

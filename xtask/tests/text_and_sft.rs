@@ -134,6 +134,55 @@ fn bad_sft_and_train_input_is_refused_before_training() {
         &["sft", "--model", path(&model), "--data", path(&data), "--tokenizer", path(&tokenizer)],
         &["600 tokens", "vocabulary of 512"],
     );
+    // Pretraining a checkpoint: the error names both sizes and both files.
+    let text = dir.join("words.txt");
+    let words: String = (0..400).map(|i| format!("w{} w{}\n\n", i % 600, (i * 7) % 600)).collect();
+    std::fs::write(&text, words).unwrap();
+    let config_file = model.join("config.json");
+    fails(
+        &["train", "--model", path(&model), "--data", path(&text), "--tokenizer", path(&tokenizer)],
+        &["600 tokens", "vocabulary of 512", path(&tokenizer), path(&config_file)],
+    );
+    // A fresh preset is sized to the tokenizer instead, and says so.
+    let sized = dir.join("sized");
+    let out = xtask(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        path(&text),
+        "--tokenizer",
+        path(&tokenizer),
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "16",
+        "--out",
+        path(&sized),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("vocabulary: 600 tokens, sized to the tokenizer"), "{stderr}");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(sized.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 600);
+    // --vocab-size pads a preset's vocabulary past the tokenizer's, never below it.
+    fails(
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--data",
+            path(&text),
+            "--tokenizer",
+            path(&tokenizer),
+            "--vocab-size",
+            "599",
+        ],
+        &["--vocab-size 599 is smaller than the tokenizer's 600 tokens"],
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
