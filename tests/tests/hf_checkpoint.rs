@@ -210,8 +210,11 @@ fn a_sharded_index_must_agree_with_its_shards() {
     std::fs::remove_dir_all(&root).unwrap();
 }
 
+/// A `config.json` as a JSON object.
+type ConfigMap = serde_json::Map<String, serde_json::Value>;
+
 /// The fixture's `config.json` (transformers 5.17) with `edit` applied to its JSON.
-fn fixture_config(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+fn fixture_config(edit: impl FnOnce(&mut ConfigMap)) -> String {
     let text = std::fs::read_to_string(fixture().join("f32_sharded").join("config.json")).unwrap();
     let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
     edit(value.as_object_mut().unwrap());
@@ -265,62 +268,34 @@ fn config_keys_the_model_does_not_implement_are_refused_by_name() {
 #[test]
 fn rope_scaling_linear_is_read_and_written_and_other_types_are_refused() {
     let linear = |factor: f64| Some(RopeScaling::Linear { factor });
-    let read = |edit: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+    let read = |edit: &dyn Fn(&mut ConfigMap)| {
         LlamaConfig::from_json(&fixture_config(|m| edit(m)), "edited/config.json")
     };
-    let cases: [(&str, &dyn Fn(&mut serde_json::Map<String, serde_json::Value>), Option<RopeScaling>); 6] = [
-        (
-            "null",
-            &|m| {
-                m.insert("rope_scaling".into(), json!(null));
-            },
-            None,
-        ),
-        (
-            "type",
-            &|m| {
-                m.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}));
-            },
-            linear(2.0),
-        ),
-        (
-            "rope_type",
-            &|m| {
-                m.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": 4}));
-            },
-            linear(4.0),
-        ),
-        (
-            "rope_parameters",
-            &|m| {
-                m.insert(
-                    "rope_parameters".into(),
-                    json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": 8.0}),
-                );
-            },
-            linear(8.0),
-        ),
+    let linear_parameters =
+        |factor: f64| json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": factor});
+    // (case, keys set in the fixture's config.json, what is read)
+    let cases = [
+        ("null", vec![("rope_scaling", json!(null))], None),
+        ("type", vec![("rope_scaling", json!({"type": "linear", "factor": 2.0}))], linear(2.0)),
+        ("rope_type", vec![("rope_scaling", json!({"rope_type": "linear", "factor": 4}))], linear(4.0)),
+        ("rope_parameters", vec![("rope_parameters", linear_parameters(8.0))], linear(8.0)),
         (
             "both",
-            &|m| {
-                m.insert("rope_scaling".into(), json!({"type": "linear", "factor": 2.0}));
-                m.insert(
-                    "rope_parameters".into(),
-                    json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}),
-                );
-            },
+            vec![
+                ("rope_scaling", json!({"type": "linear", "factor": 2.0})),
+                ("rope_parameters", linear_parameters(2.0)),
+            ],
             linear(2.0),
         ),
-        (
-            "default",
-            &|m| {
-                m.insert("rope_scaling".into(), json!({"rope_type": "default"}));
-            },
-            None,
-        ),
+        ("default", vec![("rope_scaling", json!({"rope_type": "default"}))], None),
     ];
-    for (name, edit, want) in cases {
-        let config = read(edit).unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, keys, want) in cases {
+        let config = read(&|m| {
+            for (key, value) in &keys {
+                m.insert(key.to_string(), value.clone());
+            }
+        })
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(config.rope_scaling, want, "{name}");
         assert_eq!(
             config.rope_position_divisor(),
