@@ -9,6 +9,7 @@ use model::reference::loss_and_grads;
 use model::{Activations, KvCache, Llama, LlamaConfig, Params, RopeScaling};
 use tests::models::{self, random_params, to_f32, to_f64};
 use tests::*;
+use trainer::TrainError;
 use trainer::generate::{Sampling, Stop, argmax, generate, generate_until};
 
 fn cache_write<R: BackendRuntime>(dev: &Device<R>) {
@@ -167,7 +168,12 @@ fn stops_at_context<R: BackendRuntime>(dev: &Device<R>) {
     let stopped = generate_until(dev, &model, &prompt, 3, first, |_| {}).unwrap();
     assert_eq!((stopped.tokens.len(), stopped.stop), (0, Stop::StopToken));
     for len in [16, 17] {
-        let err = generate(dev, &model, &vec![1; len], 5, Sampling::GREEDY, |_| {}).unwrap_err().to_string();
+        let err = generate(dev, &model, &vec![1; len], 5, Sampling::GREEDY, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, TrainError::PromptFillsContext { tokens, context: 16 } if tokens == len),
+            "{err}"
+        );
+        let err = err.to_string();
         assert!(
             err.contains(&format!("the prompt has {len} tokens"))
                 && err.contains("context (max_position_embeddings) is 16"),

@@ -117,11 +117,7 @@ pub fn generate_until<R: Runtime, F: FloatElement>(
     }
     let context = model.config.max_position_embeddings;
     if prompt.len() >= context {
-        return Err(TrainError::Options(format!(
-            "the prompt has {} tokens and the model's context (max_position_embeddings) is {context}: \
-             no position is left to generate a token",
-            prompt.len()
-        )));
+        return Err(TrainError::PromptFillsContext { tokens: prompt.len(), context });
     }
     // Room for the sequence's positions; the last generated token is never run through the
     // model, so the cache holds one position fewer than the longest sequence.
