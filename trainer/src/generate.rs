@@ -1,6 +1,7 @@
 //! Text generation with a KV cache: the prompt in one pass, then one token per step through
 //! the attention decode path; greedy at temperature 0, else temperature + nucleus (top-p)
-//! sampling from a seeded generator.
+//! sampling from a seeded generator. The sequence stops at the model's context
+//! (`max_position_embeddings` positions in all); there is no sliding window.
 
 use crate::error::{Result, TrainError};
 use cubecl::Runtime;
