@@ -8,6 +8,10 @@
 //! Backward: the rotation by the opposite angle (a rotation's inverse is its transpose):
 //! `dx = rope(dout, −angle)`, overwritten (`=`). Saves nothing.
 //!
+//! With linear scaling (position interpolation, Chen et al. 2023; transformers'
+//! `LlamaLinearScalingRotaryEmbedding`) the angle is `(p / factor)·θ_i`: positions are divided by
+//! the factor, the frequencies unchanged. Only the table changes; the kernels read it the same.
+//!
 //! cos and sin come from a [`RopeTable`] computed once on the host in f64 and stored in f32,
 //! so each is within half an f32 ulp of the exact value at every position. (Hugging Face
 //! multiplies position by frequency in f32, which at position 4000 is off by ~1e-4 rad; this
@@ -17,46 +21,80 @@ use cubecl::prelude::*;
 use dsl::launch::elementwise_grid;
 use dsl::{Device, Error, FloatElement, GpuTensor, Result};
 
-/// cos and sin of `position · θ_i` for positions `0..max_positions`, `i < head_dim / 2`.
+/// cos and sin of `(position / position_divisor) · θ_i` for positions `0..max_positions`,
+/// `i < head_dim / 2`.
 pub struct RopeTable<R: Runtime> {
     pub cos: GpuTensor<R, f32>,
     pub sin: GpuTensor<R, f32>,
     pub head_dim: usize,
     pub max_positions: usize,
     pub theta: f64,
+    /// Linear scaling's factor (1 for plain RoPE).
+    pub position_divisor: f64,
+}
+
+/// The table's values on the host, `[max_positions, head_dim / 2]` row-major, as f32 of the
+/// f64 `cos` and `sin` of `(p / position_divisor) · theta^(−2i/head_dim)`.
+///
+/// Errors: `head_dim` odd or 0, `theta` or `position_divisor` not positive and finite.
+pub fn rope_cos_sin(
+    head_dim: usize,
+    max_positions: usize,
+    theta: f64,
+    position_divisor: f64,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let invalid = |message: String| Error::InvalidArgument { op: "rope_table", message };
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(invalid(format!("head_dim must be even and positive, got {head_dim}")));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(invalid(format!("theta must be positive and finite, got {theta}")));
+    }
+    if !(position_divisor.is_finite() && position_divisor > 0.0) {
+        return Err(invalid(format!(
+            "the position divisor must be positive and finite, got {position_divisor}"
+        )));
+    }
+    let half = head_dim / 2;
+    let (mut cos, mut sin) =
+        (Vec::with_capacity(max_positions * half), Vec::with_capacity(max_positions * half));
+    for p in 0..max_positions {
+        // Divided first, as transformers does (`t / scaling_factor`): at a multiple of the
+        // factor the quotient is exact and the row equals the unscaled row of p / factor.
+        let position = p as f64 / position_divisor;
+        for i in 0..half {
+            let angle = position * theta.powf(-2.0 * i as f64 / head_dim as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((cos, sin))
 }
 
 impl<R: Runtime> RopeTable<R> {
+    /// Plain RoPE's table (no scaling).
     pub fn new(device: &Device<R>, head_dim: usize, max_positions: usize, theta: f64) -> Result<Self> {
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(Error::InvalidArgument {
-                op: "rope_table",
-                message: format!("head_dim must be even and positive, got {head_dim}"),
-            });
-        }
-        if !(theta.is_finite() && theta > 0.0) {
-            return Err(Error::InvalidArgument {
-                op: "rope_table",
-                message: format!("theta must be positive and finite, got {theta}"),
-            });
-        }
-        let half = head_dim / 2;
-        let (mut cos, mut sin) =
-            (Vec::with_capacity(max_positions * half), Vec::with_capacity(max_positions * half));
-        for p in 0..max_positions {
-            for i in 0..half {
-                let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let shape = [max_positions, half];
+        Self::scaled(device, head_dim, max_positions, theta, 1.0)
+    }
+
+    /// The table with positions divided by `position_divisor` (linear scaling's factor); see
+    /// [`rope_cos_sin`] for the values and errors.
+    pub fn scaled(
+        device: &Device<R>,
+        head_dim: usize,
+        max_positions: usize,
+        theta: f64,
+        position_divisor: f64,
+    ) -> Result<Self> {
+        let (cos, sin) = rope_cos_sin(head_dim, max_positions, theta, position_divisor)?;
+        let shape = [max_positions, head_dim / 2];
         Ok(Self {
             cos: GpuTensor::from_slice(device, &cos, &shape)?,
             sin: GpuTensor::from_slice(device, &sin, &shape)?,
             head_dim,
             max_positions,
             theta,
+            position_divisor,
         })
     }
 }

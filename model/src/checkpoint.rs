@@ -10,8 +10,10 @@ use crate::config::{LlamaConfig, ParamSpec};
 use crate::error::{ModelError, Result};
 use half::{bf16, f16};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -87,7 +89,19 @@ fn is_ignorable(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
+/// The output projection's name, which a tied checkpoint may carry anyway (see [`load`]).
+const LM_HEAD: &str = "lm_head.weight";
+
 /// Reads a checkpoint directory.
+///
+/// A sharded checkpoint's index must agree with its shards: every tensor a shard holds is
+/// listed once, for that shard, and every listed tensor is in the shard named.
+///
+/// With `tie_word_embeddings: true`, an `lm_head.weight` is accepted when it equals the
+/// embedding exactly (several converters write both). A different one is refused, naming the
+/// tensor and the first differing element: Hugging Face would silently tie (use the embedding
+/// and drop the head), which computes something other than what the file holds, so the choice
+/// is left to the user (set `tie_word_embeddings` to false to use the head, or delete it).
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(ModelError::checkpoint(
@@ -96,17 +110,41 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
         ));
     }
     let config = LlamaConfig::load(&dir.join(CONFIG_FILE))?;
-    let files = weight_files(dir)?;
+    let WeightFiles { files, index } = weight_files(dir)?;
     let specs = config.parameters();
     let position: HashMap<&str, usize> =
         specs.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
     let mut tensors: Vec<Option<Vec<f32>>> = vec![None; specs.len()];
+    let mut tied_head: Option<(PathBuf, Vec<f32>)> = None;
     let mut stored = None;
+    let mut found: HashSet<String> = HashSet::new();
     for file in &files {
         let bytes = fs::read(file).map_err(|e| ModelError::io(file, e))?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| ModelError::checkpoint(file, format!("not a safetensors file: {e}")))?;
         for (name, view) in st.iter() {
+            if let Some(index) = &index {
+                index.check_holds(file, name)?;
+                found.insert(name.to_string());
+            }
+            if config.tie_word_embeddings && name == LM_HEAD {
+                let shape = [config.vocab_size, config.hidden_size];
+                if view.shape() != shape {
+                    return Err(ModelError::tensor(
+                        file,
+                        name,
+                        format!(
+                            "shape {:?}, config.json implies {shape:?} (tied to the embedding)",
+                            view.shape()
+                        ),
+                    ));
+                }
+                if tied_head.is_some() {
+                    return Err(ModelError::tensor(file, name, "appears more than once"));
+                }
+                tied_head = Some((file.clone(), decode(file, name, &view)?.0));
+                continue;
+            }
             let Some(&i) = position.get(name) else {
                 if is_ignorable(name) {
                     continue;
@@ -133,6 +171,9 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             tensors[i] = Some(values);
         }
     }
+    if let Some(index) = &index {
+        index.check_all_found(dir, &found)?;
+    }
     let tensors = tensors
         .into_iter()
         .zip(&specs)
@@ -150,7 +191,31 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    if let Some((file, head)) = tied_head {
+        check_tied_head(&file, &specs[0].name, &tensors[0], &head, config.hidden_size)?;
+    }
     Ok(Checkpoint { config, tensors, stored: stored.unwrap_or(StoredDType::F32) })
+}
+
+/// Refuses a tied checkpoint's `lm_head.weight` that is not exactly the embedding (`[V, C]`).
+fn check_tied_head(file: &Path, embed_name: &str, embed: &[f32], head: &[f32], hidden: usize) -> Result<()> {
+    let Some(i) = embed.iter().zip(head).position(|(a, b)| a.to_bits() != b.to_bits()) else {
+        return Ok(());
+    };
+    Err(ModelError::tensor(
+        file,
+        LM_HEAD,
+        format!(
+            "differs from `{embed_name}` (first at [{}, {}]: {} vs {}) but config.json sets \
+             tie_word_embeddings: true, which makes the output projection the embedding; \
+             Hugging Face would tie and ignore this head. Set tie_word_embeddings to false to \
+             use the head, or remove it to tie",
+            i / hidden,
+            i % hidden,
+            head[i],
+            embed[i]
+        ),
+    ))
 }
 
 fn describe(files: &[PathBuf]) -> String {
@@ -161,43 +226,129 @@ fn describe(files: &[PathBuf]) -> String {
         .join(", ")
 }
 
-/// The safetensors files of a checkpoint: the shards of the index, or the single file.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// A sharded checkpoint's `weight_map`: tensor name → shard file name.
+struct ShardIndex {
+    path: PathBuf,
+    shard_of: HashMap<String, String>,
+}
+
+impl ShardIndex {
+    /// `name` was found in `file`: the index must send it there.
+    fn check_holds(&self, file: &Path, name: &str) -> Result<()> {
+        let here = file.file_name().unwrap_or_default().to_string_lossy();
+        match self.shard_of.get(name) {
+            Some(listed) if *listed == here => Ok(()),
+            Some(listed) => Err(ModelError::tensor(
+                &self.path,
+                name,
+                format!("weight_map sends it to `{listed}`, but it is in `{here}`"),
+            )),
+            None => Err(ModelError::tensor(
+                &self.path,
+                name,
+                format!("is in shard `{here}` but weight_map does not list it"),
+            )),
+        }
+    }
+
+    /// Every listed tensor must have been found (in its shard, by [`Self::check_holds`]).
+    fn check_all_found(&self, dir: &Path, found: &HashSet<String>) -> Result<()> {
+        let mut missing: Vec<(&String, &String)> =
+            self.shard_of.iter().filter(|(name, _)| !found.contains(*name)).collect();
+        missing.sort();
+        match missing.first() {
+            None => Ok(()),
+            Some((name, shard)) => Err(ModelError::tensor(
+                &self.path,
+                name,
+                format!(
+                    "weight_map sends it to `{shard}`, which does not hold it (nor does any shard in {})",
+                    dir.display()
+                ),
+            )),
+        }
+    }
+}
+
+/// `weight_map`'s entries in file order with repeats kept (a JSON object read into a map would
+/// keep only the last of a repeated key).
+struct WeightMapEntries(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for WeightMapEntries {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = WeightMapEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensor name → shard file name")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    entries.push(entry);
+                }
+                Ok(WeightMapEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+#[derive(Deserialize)]
+struct IndexJson {
+    weight_map: Option<WeightMapEntries>,
+}
+
+/// The safetensors files of a checkpoint (the shards of the index, or the single file), and
+/// the index when there is one.
+struct WeightFiles {
+    files: Vec<PathBuf>,
+    index: Option<ShardIndex>,
+}
+
+fn weight_files(dir: &Path) -> Result<WeightFiles> {
     let index = dir.join(INDEX_FILE);
     if index.is_file() {
         let text = fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
-        let value: Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::checkpoint(&index, format!("not valid JSON: {e}")))?;
-        let map = value
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| ModelError::checkpoint(&index, "has no `weight_map` object"))?;
+        let parsed: IndexJson = serde_json::from_str(&text)
+            .map_err(|e| ModelError::checkpoint(&index, format!("not a valid index: {e}")))?;
+        let entries =
+            parsed.weight_map.ok_or_else(|| ModelError::checkpoint(&index, "has no `weight_map` object"))?;
         let mut shards: Vec<String> = Vec::new();
-        for (tensor, file) in map {
+        let mut shard_of: HashMap<String, String> = HashMap::new();
+        for (tensor, file) in entries.0 {
             let file = file
                 .as_str()
-                .ok_or_else(|| ModelError::tensor(&index, tensor, "weight_map entry is not a file name"))?;
+                .ok_or_else(|| ModelError::tensor(&index, &tensor, "weight_map entry is not a file name"))?;
             if Path::new(file).components().count() != 1 {
                 return Err(ModelError::tensor(
                     &index,
-                    tensor,
+                    &tensor,
                     format!("shard `{file}` is not a plain file name"),
+                ));
+            }
+            if let Some(first) = shard_of.get(&tensor) {
+                return Err(ModelError::tensor(
+                    &index,
+                    &tensor,
+                    format!("listed more than once in weight_map (`{first}`, then `{file}`)"),
                 ));
             }
             if !shards.iter().any(|s| s == file) {
                 shards.push(file.to_string());
             }
+            shard_of.insert(tensor, file.to_string());
         }
         shards.sort();
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
             return Err(ModelError::checkpoint(missing, format!("shard named in {INDEX_FILE} is missing")));
         }
-        return Ok(paths);
+        return Ok(WeightFiles { files: paths, index: Some(ShardIndex { path: index, shard_of }) });
     }
     let single = dir.join(SINGLE_FILE);
     if single.is_file() {
-        return Ok(vec![single]);
+        return Ok(WeightFiles { files: vec![single], index: None });
     }
     Err(ModelError::checkpoint(dir, format!("has neither {SINGLE_FILE} nor {INDEX_FILE}")))
 }

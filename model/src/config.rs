@@ -23,6 +23,23 @@ pub struct LlamaConfig {
     pub rope_theta: f64,
     /// `lm_head` shares `embed_tokens`' matrix (and gradient).
     pub tie_word_embeddings: bool,
+    /// How RoPE stretches positions for a longer context (`rope_scaling`); `None` is plain RoPE.
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// A RoPE scaling method of Hugging Face's `rope_scaling` (or transformers 5's
+/// `rope_parameters`) that this model implements.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation (Chen et al. 2023, "Extending Context Window of Large Language
+    /// Models via Positional Interpolation"; transformers' `LlamaLinearScalingRotaryEmbedding`):
+    /// position `p` is rotated as position `p / factor`, the frequencies unchanged. `factor ≥ 1`.
+    Linear { factor: f64 },
+}
+
+impl RopeScaling {
+    /// The `type` / `rope_type` values this model implements (besides `default`, no scaling).
+    pub const SUPPORTED: [&str; 1] = ["linear"];
 }
 
 /// The named shapes: Llama 2's released sizes, a 34B shape, and llama2.c's small models.
@@ -39,7 +56,8 @@ pub const PRESETS: [&str; 9] = [
 ];
 
 /// `config.json` as files in the wild write it: optional fields, `rope_theta` at the top
-/// (transformers ≤ 4) or in `rope_parameters` (transformers 5), unknown keys ignored.
+/// (transformers ≤ 4) or in `rope_parameters` (transformers 5), unknown keys ignored except
+/// those that would change the computation (see [`LlamaConfig::from_json`]).
 #[derive(Deserialize)]
 struct RawConfig {
     vocab_size: usize,
@@ -57,12 +75,48 @@ struct RawConfig {
     tie_word_embeddings: Option<bool>,
     hidden_act: Option<String>,
     model_type: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    attention_dropout: Option<f64>,
+    quantization_config: Option<Value>,
 }
 
 #[derive(Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
     rope_type: Option<String>,
+    factor: Option<Value>,
+}
+
+/// Reads a `rope_scaling` / `rope_parameters` object: its type under `type` (transformers < 4.45)
+/// or `rope_type` (later), and for `linear` its `factor`. `default` (and an absent type in
+/// `rope_parameters`) is plain RoPE.
+fn rope_scaling_of(
+    kind: Option<&str>,
+    factor: Option<&Value>,
+    key: &str,
+    origin: &str,
+) -> Result<Option<RopeScaling>> {
+    let error = |message: String| ModelError::Config(format!("{origin}: {key}: {message}"));
+    match kind {
+        None | Some("default") => Ok(None),
+        Some("linear") => {
+            let factor = factor
+                .ok_or_else(|| error("RoPE scaling type `linear` needs a `factor`".into()))?
+                .as_f64()
+                .ok_or_else(|| error("the linear RoPE scaling `factor` must be a number".into()))?;
+            // transformers' rope_config_validation asks the same (a factor below 1 would
+            // compress the context instead of stretching it).
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(error(format!("the linear RoPE scaling factor must be ≥ 1, got {factor}")));
+            }
+            Ok(Some(RopeScaling::Linear { factor }))
+        }
+        Some(other) => Err(error(format!(
+            "RoPE scaling type `{other}` is not supported; supported: {} (or none: `default`, null)",
+            RopeScaling::SUPPORTED.join(", ")
+        ))),
+    }
 }
 
 impl LlamaConfig {
@@ -119,10 +173,17 @@ impl LlamaConfig {
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             tie_word_embeddings: false,
+            rope_scaling: None,
         }
     }
 
     /// Parses `config.json` text; `origin` names the file in errors.
+    ///
+    /// Refused, by key: `model_type` other than `llama`, `hidden_act` other than `silu`,
+    /// `attention_bias` or `mlp_bias` true, a non-zero `attention_dropout`, a
+    /// `quantization_config`, and RoPE scaling other than `linear` (in `rope_scaling`, under
+    /// `type` or `rope_type`, or in `rope_parameters`). `pretraining_tp` is accepted and ignored:
+    /// it only changes how transformers slices the same products.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
         let raw: RawConfig = serde_json::from_str(text)
             .map_err(|e| ModelError::Config(format!("{origin}: not a Llama config.json: {e}")))?;
@@ -138,15 +199,60 @@ impl LlamaConfig {
                 "{origin}: hidden_act is `{act}`; this model implements SwiGLU (`silu`) only"
             )));
         }
-        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
-        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null())
-            || rope_type.as_deref().is_some_and(|t| t != "default")
-        {
+        // Keys that change what the model computes and that it does not implement: refused by
+        // name rather than ignored (a file asking for biases would load and compute without
+        // them). `pretraining_tp` only changes how transformers slices its products (the same
+        // sums), so it is accepted and ignored.
+        let refused = [
+            ("attention_bias", raw.attention_bias == Some(true), "true: biases on q, k, v, o"),
+            ("mlp_bias", raw.mlp_bias == Some(true), "true: biases on gate, up, down"),
+            (
+                "attention_dropout",
+                raw.attention_dropout.is_some_and(|p| p != 0.0),
+                "non-zero: dropout on the attention probabilities",
+            ),
+            ("quantization_config", raw.quantization_config.as_ref().is_some_and(|v| !v.is_null()), "set"),
+        ];
+        if let Some((key, _, what)) = refused.iter().find(|(_, on, _)| *on) {
             return Err(ModelError::Config(format!(
-                "{origin}: RoPE scaling ({}) is not supported; plain RoPE only",
-                rope_type.unwrap_or_else(|| "rope_scaling".into())
+                "{origin}: `{key}` is {what}, which this model does not implement"
             )));
         }
+        let from_parameters = match &raw.rope_parameters {
+            Some(p) => rope_scaling_of(p.rope_type.as_deref(), p.factor.as_ref(), "rope_parameters", origin)?,
+            None => None,
+        };
+        let from_scaling = match raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            Some(Value::Object(map)) => {
+                let kind = map.get("rope_type").or_else(|| map.get("type"));
+                let kind = match kind {
+                    Some(Value::String(kind)) => Some(kind.as_str()),
+                    Some(_) => {
+                        return Err(ModelError::Config(format!(
+                            "{origin}: rope_scaling: the RoPE scaling type must be a string"
+                        )));
+                    }
+                    None => {
+                        return Err(ModelError::Config(format!(
+                            "{origin}: rope_scaling has no `type` or `rope_type`"
+                        )));
+                    }
+                };
+                rope_scaling_of(kind, map.get("factor"), "rope_scaling", origin)?
+            }
+            Some(_) => {
+                return Err(ModelError::Config(format!("{origin}: rope_scaling must be an object or null")));
+            }
+            None => None,
+        };
+        let rope_scaling = match (from_parameters, from_scaling) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ModelError::Config(format!(
+                    "{origin}: rope_parameters ({a:?}) and rope_scaling ({b:?}) disagree"
+                )));
+            }
+            (a, b) => a.or(b),
+        };
         let heads = raw.num_attention_heads;
         let config = Self {
             vocab_size: raw.vocab_size,
@@ -160,6 +266,7 @@ impl LlamaConfig {
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: raw.rope_parameters.and_then(|p| p.rope_theta).or(raw.rope_theta).unwrap_or(10_000.0),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            rope_scaling,
         };
         config.validate().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
         Ok(config)
@@ -200,6 +307,18 @@ impl LlamaConfig {
         if let Value::Object(fields) = fields {
             map.extend(fields);
         }
+        if let Some(RopeScaling::Linear { factor }) = self.rope_scaling {
+            // Both spellings of the type: transformers < 4.45 reads `type`, later ones
+            // `rope_type`; transformers 5 reads `rope_parameters`.
+            map.insert(
+                "rope_scaling".into(),
+                json!({ "type": "linear", "rope_type": "linear", "factor": factor }),
+            );
+            map.insert(
+                "rope_parameters".into(),
+                json!({ "rope_theta": self.rope_theta, "rope_type": "linear", "factor": factor }),
+            );
+        }
         serde_json::to_string_pretty(&Value::Object(map)).expect("a JSON object serialises")
     }
 
@@ -237,7 +356,21 @@ impl LlamaConfig {
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return Err("rms_norm_eps and rope_theta must be positive".into());
         }
+        if let Some(RopeScaling::Linear { factor }) = self.rope_scaling
+            && !(factor.is_finite() && factor >= 1.0)
+        {
+            return Err(format!("the linear RoPE scaling factor must be ≥ 1, got {factor}"));
+        }
         Ok(())
+    }
+
+    /// What RoPE divides positions by before taking the angles: the linear scaling factor, or
+    /// 1 for plain RoPE.
+    pub fn rope_position_divisor(&self) -> f64 {
+        match self.rope_scaling {
+            None => 1.0,
+            Some(RopeScaling::Linear { factor }) => factor,
+        }
     }
 
     pub fn q_dim(&self) -> usize {
@@ -413,7 +546,7 @@ impl fmt::Display for LlamaConfig {
         writeln!(
             f,
             "Llama: {} layers, hidden {}, MLP {}, {} heads ({} key/value, head_dim {}), vocab {}, \
-             context {}, eps {:e}, rope θ {}{}",
+             context {}, eps {:e}, rope θ {}{}{}",
             self.num_hidden_layers,
             self.hidden_size,
             self.intermediate_size,
@@ -424,6 +557,10 @@ impl fmt::Display for LlamaConfig {
             self.max_position_embeddings,
             self.rms_norm_eps,
             self.rope_theta,
+            match self.rope_scaling {
+                Some(RopeScaling::Linear { factor }) => format!(" (linear scaling ×{factor})"),
+                None => String::new(),
+            },
             if self.tie_word_embeddings { ", tied embeddings" } else { "" },
         )?;
         writeln!(f, "parameters: {} ({})", human_count(self.parameter_count()), self.parameter_count())?;

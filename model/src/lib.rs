@@ -23,7 +23,7 @@ pub mod params;
 pub mod reference;
 
 pub use activations::Activations;
-pub use config::{LayerWeight, LlamaConfig, ParamSpec};
+pub use config::{LayerWeight, LlamaConfig, ParamSpec, RopeScaling};
 pub use decode::KvCache;
 pub use error::{ModelError, Result};
 pub use kernels;

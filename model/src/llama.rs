@@ -36,7 +36,8 @@ pub(crate) fn heads_merged<R: Runtime, F: FloatElement>(t: &GpuTensor<R, F>) -> 
 }
 
 impl<R: Runtime, F: FloatElement> Llama<R, F> {
-    /// Wraps parameters for `config` (their shapes checked) and builds the RoPE table.
+    /// Wraps parameters for `config` (their shapes checked) and builds the RoPE table (with
+    /// `config.rope_scaling` applied).
     pub fn new(device: &Device<R>, config: LlamaConfig, params: Params<R, F>) -> Result<Self> {
         config.validate().map_err(ModelError::Config)?;
         let expected = config.parameters();
@@ -46,8 +47,15 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 message: "parameters were built for a different configuration".into(),
             });
         }
-        let rope =
-            RopeTable::new(device, config.head_dim, config.max_position_embeddings, config.rope_theta)?;
+        // Every path (training, evaluation, decoding) reads this one table, so linear RoPE
+        // scaling applies to all of them.
+        let rope = RopeTable::scaled(
+            device,
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_position_divisor(),
+        )?;
         Ok(Self { config, params, rope })
     }
 

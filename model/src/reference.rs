@@ -62,6 +62,7 @@ pub fn loss_and_grads(
     let (qd, kvd) = (config.q_dim(), config.kv_dim());
     let eps = config.rms_norm_eps;
     let theta = config.rope_theta;
+    let divisor = config.rope_position_divisor();
     let q_shape = (batch, seq, config.num_attention_heads, config.head_dim);
     let kv_shape = (batch, seq, config.num_key_value_heads, config.head_dim);
     let shape = AttentionShape {
@@ -110,8 +111,8 @@ pub fn loss_and_grads(
         matmul::linear_forward(&mut q, &s.normed_attn, w(l, LayerWeight::Q), n, c, qd);
         matmul::linear_forward(&mut k, &s.normed_attn, w(l, LayerWeight::K), n, c, kvd);
         matmul::linear_forward(&mut s.v, &s.normed_attn, w(l, LayerWeight::V), n, c, kvd);
-        rope::rope_forward(&mut s.q_rot, &q, q_shape, theta, 0);
-        rope::rope_forward(&mut s.k_rot, &k, kv_shape, theta, 0);
+        rope::rope_forward_scaled(&mut s.q_rot, &q, q_shape, theta, 0, divisor);
+        rope::rope_forward_scaled(&mut s.k_rot, &k, kv_shape, theta, 0, divisor);
         let mut lse = vec![0.0; n * config.num_attention_heads];
         attention::attention_forward(&mut s.attn, &mut lse, &s.q_rot, &s.k_rot, &s.v, &shape, true);
         matmul::linear_forward(&mut s.mid, &s.attn, w(l, LayerWeight::O), n, qd, c);
@@ -224,8 +225,8 @@ pub fn loss_and_grads(
         );
         let mut d_q = vec![0.0; n * qd];
         let mut d_k = vec![0.0; n * kvd];
-        rope::rope_backward(&mut d_q, &d_q_rot, q_shape, theta, 0);
-        rope::rope_backward(&mut d_k, &d_k_rot, kv_shape, theta, 0);
+        rope::rope_backward_scaled(&mut d_q, &d_q_rot, q_shape, theta, 0, divisor);
+        rope::rope_backward_scaled(&mut d_k, &d_k_rot, kv_shape, theta, 0, divisor);
         matmul::linear_backward_input(&mut d_normed, &d_q, w(l, LayerWeight::Q), false, n, c, qd);
         matmul::linear_backward_input(&mut d_normed, &d_k, w(l, LayerWeight::K), true, n, c, kvd);
         matmul::linear_backward_input(&mut d_normed, &d_v, w(l, LayerWeight::V), true, n, c, kvd);

@@ -1,12 +1,16 @@
-//! KV-cache decoding: the cache write, prefill logits against the full forward, and greedy
-//! generation against the argmax of a full forward over the same tokens.
+//! KV-cache decoding: the cache write, prefill logits against the full forward, greedy
+//! generation against the argmax of a full forward over the same tokens, the stop at the
+//! context length, and linear RoPE scaling through forward and decode.
 
 use dsl::{BackendRuntime, Device, GpuTensor};
 use kernels::kv_cache::kv_cache_write;
-use model::{Activations, KvCache, Llama, LlamaConfig, Params};
-use tests::models::{self, random_params, to_f32};
+use kernels::rope::rope_cos_sin;
+use model::reference::loss_and_grads;
+use model::{Activations, KvCache, Llama, LlamaConfig, Params, RopeScaling};
+use tests::models::{self, random_params, to_f32, to_f64};
 use tests::*;
-use trainer::generate::{Sampling, argmax, generate};
+use trainer::TrainError;
+use trainer::generate::{Sampling, Stop, argmax, generate, generate_until};
 
 fn cache_write<R: BackendRuntime>(dev: &Device<R>) {
     let (b, cap, h, hd, new, pos) = (2, 9, 3, 16, 4, 5);
@@ -130,4 +134,106 @@ fn greedy_is_argmax<R: BackendRuntime>(dev: &Device<R>) {
 #[test]
 fn greedy_generation_is_the_argmax_of_a_full_forward() {
     on_test_backend!(greedy_is_argmax);
+}
+
+/// The case: a 255-token prompt on a model with context 256 gets exactly one new
+/// token (256 positions), and the reason; shorter prompts stop when prompt + output reach the
+/// context; a prompt that fills it is refused naming both lengths. The tokens are the argmax of
+/// a full forward over the whole sequence (nothing computed past the context).
+fn stops_at_context<R: BackendRuntime>(dev: &Device<R>) {
+    let mut config = config();
+    config.max_position_embeddings = 256;
+    let model = load(dev, &config);
+    let prompt: Vec<u32> = (0..255).map(|i| (i * 13 + 1) % 61).collect();
+    let out = generate_until(dev, &model, &prompt, 10, Sampling::GREEDY, |_| {}).unwrap();
+    assert_eq!((out.tokens.len(), out.stop), (1, Stop::ContextLimit));
+    let logits = full_logits(dev, &model, &prompt);
+    assert_eq!(out.tokens[0], argmax(&logits[254 * 61..255 * 61]) as u32);
+
+    config.max_position_embeddings = 16;
+    let model = load(dev, &config);
+    let prompt: Vec<u32> = (0..13).map(|i| (i * 7 + 3) % 61).collect();
+    let out = generate_until(dev, &model, &prompt, 10, Sampling::GREEDY, |_| {}).unwrap();
+    assert_eq!((out.tokens.len(), out.stop), (3, Stop::ContextLimit), "13 + 3 = 16 positions");
+    let all: Vec<u32> = prompt.iter().chain(&out.tokens).copied().collect();
+    let logits = full_logits(dev, &model, &all[..15]);
+    for (k, &token) in out.tokens.iter().enumerate() {
+        let row = 12 + k;
+        assert_eq!(argmax(&logits[row * 61..(row + 1) * 61]) as u32, token, "token {k}");
+    }
+    // Asking for exactly the room left, or less, is a normal stop.
+    let exact = generate_until(dev, &model, &prompt, 3, Sampling::GREEDY, |_| {}).unwrap();
+    assert_eq!((exact.tokens, exact.stop), (out.tokens.clone(), Stop::MaxNewTokens));
+    let first = Sampling { stop_at: Some(out.tokens[0]), ..Sampling::GREEDY };
+    let stopped = generate_until(dev, &model, &prompt, 3, first, |_| {}).unwrap();
+    assert_eq!((stopped.tokens.len(), stopped.stop), (0, Stop::StopToken));
+    for len in [16, 17] {
+        let err = generate(dev, &model, &vec![1; len], 5, Sampling::GREEDY, |_| {}).unwrap_err();
+        assert!(
+            matches!(err, TrainError::PromptFillsContext { tokens, context: 16 } if tokens == len),
+            "{err}"
+        );
+        let err = err.to_string();
+        assert!(
+            err.contains(&format!("the prompt has {len} tokens"))
+                && err.contains("context (max_position_embeddings) is 16"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn generation_stops_at_the_context_length() {
+    on_test_backend!(stops_at_context);
+}
+
+/// Linear RoPE scaling reaches every path through the one table the model builds: its values
+/// are the scaled table's, the forward (training, evaluation) matches the f64 reference model
+/// with positions divided by the factor, decoding with the cache matches that forward, and the
+/// logits differ from the unscaled model's (the factor is not ignored).
+fn linear_scaling_everywhere<R: BackendRuntime>(dev: &Device<R>) {
+    let plain = config();
+    let mut scaled = plain.clone();
+    scaled.rope_scaling = Some(RopeScaling::Linear { factor: 2.0 });
+    let model = load(dev, &scaled);
+    let rope = model.rope();
+    assert_eq!(rope.position_divisor, 2.0);
+    let (cos, sin) =
+        rope_cos_sin(scaled.head_dim, scaled.max_position_embeddings, scaled.rope_theta, 2.0).unwrap();
+    assert_eq!((rope.cos.to_vec(dev).unwrap(), rope.sin.to_vec(dev).unwrap()), (cos, sin));
+
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % 61).collect();
+    let logits = full_logits(dev, &model, &tokens);
+    let host = to_f64(&to_f32(&random_params(&scaled, 8)));
+    let targets = vec![0i32; tokens.len()];
+    let want = loss_and_grads(&scaled, &host, &tokens, &targets, 1, tokens.len()).logits;
+    let tol = Tolerance { atol: 1e-6, rtol: 2e-5 };
+    check_close_scaled("scaled logits vs reference", &logits, &want, &normwise(&want), &[11, 61], tol)
+        .unwrap();
+    let unscaled = loss_and_grads(&plain, &host, &tokens, &targets, 1, tokens.len()).logits;
+    let apart = want.iter().zip(&unscaled).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(apart > 1e-2, "scaling changed the logits by at most {apart:e}");
+
+    let mut cache = KvCache::new(dev, &model, 1, 16).unwrap();
+    let mut got = model
+        .decode(dev, &mut cache, &model.token_ids(dev, &tokens[..6], 1, 6).unwrap())
+        .unwrap()
+        .to_f64_vec(dev)
+        .unwrap();
+    for &t in &tokens[6..] {
+        got.extend(
+            model
+                .decode(dev, &mut cache, &model.token_ids(dev, &[t], 1, 1).unwrap())
+                .unwrap()
+                .to_f64_vec(dev)
+                .unwrap(),
+        );
+    }
+    check_close_scaled("scaled decode vs forward", &got, &logits, &normwise(&logits), &[11, 61], tol)
+        .unwrap();
+}
+
+#[test]
+fn linear_rope_scaling_reaches_the_forward_and_decoding() {
+    on_test_backend!(linear_scaling_everywhere);
 }

@@ -3,7 +3,7 @@
 
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
 use kernels::reference::rope as reference;
-use kernels::rope::{RopeTable, rope_backward, rope_forward};
+use kernels::rope::{RopeTable, rope_backward, rope_cos_sin, rope_forward};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use tests::*;
@@ -161,4 +161,63 @@ fn reference_backward_matches_finite_differences_and_inverts_forward() {
             .map_err(TestCaseError::fail)?;
         Ok(())
     });
+}
+
+/// Linear scaling (position interpolation): the table at position `p` with factor `f` is the
+/// plain table at `p / f`: bit for bit where `p / f` is a whole position, and within half an
+/// f32 ulp of the f64 cos and sin of `(p / f)·θ^(−2i/hd)` everywhere (transformers'
+/// `LlamaLinearScalingRotaryEmbedding` divides the positions the same way).
+#[test]
+fn rope_table_with_linear_scaling_is_the_plain_table_at_position_over_factor() {
+    let (head_dim, positions, theta) = (64, 97, 10000.0);
+    let half = head_dim / 2;
+    let (plain_cos, plain_sin) = rope_cos_sin(head_dim, positions, theta, 1.0).unwrap();
+    for factor in [2.0, 4.0, 8.0, 2.5] {
+        let (cos, sin) = rope_cos_sin(head_dim, positions, theta, factor).unwrap();
+        for p in 0..positions {
+            let row = p * half..(p + 1) * half;
+            let quotient = p as f64 / factor;
+            if quotient.fract() == 0.0 {
+                let q = quotient as usize;
+                assert_eq!(
+                    &cos[row.clone()],
+                    &plain_cos[q * half..(q + 1) * half],
+                    "cos, factor {factor}, p {p}"
+                );
+                assert_eq!(
+                    &sin[row.clone()],
+                    &plain_sin[q * half..(q + 1) * half],
+                    "sin, factor {factor}, p {p}"
+                );
+            }
+            for i in 0..half {
+                let angle = quotient * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                let (c, s) = (cos[p * half + i] as f64, sin[p * half + i] as f64);
+                // Half an ulp of an f32 in [-1, 1] is at most 2^-25.
+                assert!((c - angle.cos()).abs() <= 2f64.powi(-25), "cos p {p} i {i} factor {factor}");
+                assert!((s - angle.sin()).abs() <= 2f64.powi(-25), "sin p {p} i {i} factor {factor}");
+            }
+        }
+    }
+    // Position 1 at factor 2 is a half position: not a row of the plain table.
+    let (cos, _) = rope_cos_sin(head_dim, 2, theta, 2.0).unwrap();
+    assert_eq!(cos[half], 0.5f64.cos() as f32);
+    assert!(
+        rope_cos_sin(head_dim, 2, theta, 0.0).is_err() && rope_cos_sin(head_dim, 2, theta, f64::NAN).is_err()
+    );
+}
+
+fn scaled_table_uploads<R: BackendRuntime>(dev: &Device<R>) {
+    let table = RopeTable::scaled(dev, 32, 40, 500000.0, 4.0).unwrap();
+    let (cos, sin) = rope_cos_sin(32, 40, 500000.0, 4.0).unwrap();
+    assert_eq!(table.position_divisor, 4.0);
+    assert_eq!((table.cos.to_vec(dev).unwrap(), table.sin.to_vec(dev).unwrap()), (cos, sin));
+    let plain = RopeTable::new(dev, 32, 40, 500000.0).unwrap();
+    assert_eq!(plain.position_divisor, 1.0);
+    assert_eq!(plain.cos.to_vec(dev).unwrap(), rope_cos_sin(32, 40, 500000.0, 1.0).unwrap().0);
+}
+
+#[test]
+fn a_scaled_rope_table_holds_the_scaled_values() {
+    on_test_backend!(scaled_table_uploads);
 }

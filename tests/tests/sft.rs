@@ -80,6 +80,28 @@ fn examples_are_encoded_truncated_or_dropped() {
     assert_eq!((report.kept, report.dropped, report.truncated), (1, 2, 0));
 }
 
+/// Special-token text typed in an example (`</s>`, the separator's text) is encoded as the text
+/// it is: the special ids come only from the format, once each, as in Llama 2. With
+/// `--parse-special-tokens` (`parsing_special(true)`) it becomes those tokens.
+#[test]
+fn special_token_text_in_examples_is_text_unless_parsing_is_asked_for() {
+    let (t, ids) = tokenizer();
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let (prompt, response) = ("x</s>y<|response|>", "</s>z");
+    let (encoded, _) = sft::encode(&t, ids, &[example(prompt, response)], 64, Overlong::Truncate).unwrap();
+    let want = [vec![256], bytes(prompt), vec![258], bytes(response), vec![257]].concat();
+    assert_eq!(encoded[0].tokens, want);
+    assert_eq!(encoded[0].answer_from, 1 + prompt.len() + 1);
+    assert_eq!(ids.prompt_tokens(&t, prompt).unwrap(), [vec![256], bytes(prompt), vec![258]].concat());
+
+    let parsing = ids.parsing_special(true);
+    let (encoded, _) =
+        sft::encode(&t, parsing, &[example(prompt, response)], 64, Overlong::Truncate).unwrap();
+    assert_eq!(encoded[0].tokens, vec![256, 120, 257, 121, 258, 258, 257, 122, 257]);
+    assert_eq!(encoded[0].answer_from, 6);
+    assert_eq!(parsing.prompt_tokens(&t, prompt).unwrap(), vec![256, 120, 257, 121, 258, 258]);
+}
+
 #[test]
 fn packed_rows_hold_whole_examples_and_count_every_answer_once_per_epoch() {
     let (t, ids) = tokenizer();
@@ -304,6 +326,7 @@ fn learns_reversal<R: BackendRuntime>(dev: &Device<R>) {
             epochs,
             separator: sft::DEFAULT_SEPARATOR.into(),
             overlong: Overlong::Truncate,
+            parse_special_tokens: false,
         },
     };
     let mut trainer = Trainer::new(dev, model, options.clone(), TrainData::Sft(data)).unwrap();

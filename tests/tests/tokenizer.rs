@@ -167,3 +167,47 @@ fn bad_tokenizers_are_clear_errors() {
     assert!(err.contains("258 tokens") && err.contains("vocabulary of 200"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// User text is text: a literal `</s>` (or `<s>`) inside it encodes as the ordinary pieces of
+/// those characters, as Llama 2's SentencePiece does, unless special-token parsing is asked for.
+#[test]
+fn special_token_text_in_user_text_is_text_unless_parsing_is_asked_for() {
+    let t = TextTokenizer::bytes();
+    let bytes = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+    let text = "a</s>b<s>";
+    assert_eq!(t.encode_text(text, false, false).unwrap(), bytes(text));
+    assert_eq!(
+        t.encode_text(text, true, false).unwrap(),
+        [vec![256], bytes(text)].concat(),
+        "<s> by the format"
+    );
+    assert_eq!(t.encode_text(text, false, true).unwrap(), vec![97, 257, 98, 256]);
+    assert_eq!(
+        t.encode_all_text(vec![text, "</s>"], false, false).unwrap(),
+        vec![bytes(text), bytes("</s>")]
+    );
+    assert_eq!(
+        t.encode_all_text(vec![text, "</s>"], false, true).unwrap(),
+        vec![vec![97, 257, 98, 256], vec![257]]
+    );
+
+    // Llama 2's structure: `</s>` typed in the text is byte-fallback pieces <0x3C> <0x2F> <0x73>
+    // <0x3E> (none of `<`, `/`, `s`, `>` is in this cut-down vocabulary), never id 2.
+    let dir = scratch("literal");
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, llama2_style_json()).unwrap();
+    let t = TextTokenizer::load(&path).unwrap();
+    let id = |piece: &str| t.token_to_id(piece).unwrap();
+    let literal = t.encode_text("hello</s>world", true, false).unwrap();
+    let byte = |c: char| 3 + c as u32;
+    assert_eq!(
+        literal,
+        vec![1, id("▁hello"), byte('<'), byte('/'), byte('s'), byte('>'), id("w"), id("or"), id("ld")]
+    );
+    assert_eq!(t.decode(&literal, true).unwrap(), "hello</s>world");
+    let parsed = t.encode_text("hello</s>world", true, true).unwrap();
+    assert_eq!(&parsed[..3], &[1, id("▁hello"), 2], "parsed, </s> is the end-of-sequence id");
+    // Loading, saving and growing the tokenizer leave the default (parsing) `encode` as it was.
+    assert_eq!(t.encode("hello</s>world", true).unwrap(), parsed);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -14,6 +14,12 @@ pub enum TrainError {
     Options(String),
     #[error("--resume: {0}")]
     Resume(String),
+    /// A prompt that leaves no position of the model's context for a new token.
+    #[error(
+        "the prompt has {tokens} tokens and the model's context (max_position_embeddings) is {context}: \
+         no position is left to generate a token"
+    )]
+    PromptFillsContext { tokens: usize, context: usize },
     #[error(
         "the loss of step {step} is {loss}: stopping (the last checkpoint written, if any, is intact); \
          try a lower --lr or a tighter --grad-clip"

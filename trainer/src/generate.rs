@@ -1,6 +1,7 @@
 //! Text generation with a KV cache: the prompt in one pass, then one token per step through
 //! the attention decode path; greedy at temperature 0, else temperature + nucleus (top-p)
-//! sampling from a seeded generator.
+//! sampling from a seeded generator. The sequence stops at the model's context
+//! (`max_position_embeddings` positions in all); there is no sliding window.
 
 use crate::error::{Result, TrainError};
 use cubecl::Runtime;
@@ -64,48 +65,90 @@ fn sample(logits: &[f64], s: &Sampling, rng: &mut SplitMix64) -> usize {
     nucleus[nucleus.len() - 1].0
 }
 
-/// Continues `prompt` by up to `max_new` tokens (fewer if the context fills or the stop token
-/// comes), calling
-/// `on_token` with each as soon as it is chosen; returns the new tokens.
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// `max_new` tokens were generated.
+    MaxNewTokens,
+    /// The stop token was chosen (it is not among the tokens).
+    StopToken,
+    /// Prompt and tokens fill the model's context (`max_position_embeddings` positions); the
+    /// model has no position for another token.
+    ContextLimit,
+}
+
+/// What [`generate_until`] produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub stop: Stop,
+}
+
+/// Continues `prompt` by up to `max_new` tokens (fewer if the stop token comes or the context
+/// fills), calling `on_token` with each as soon as it is chosen; returns the new tokens. See
+/// [`generate_until`].
 pub fn generate<R: Runtime, F: FloatElement>(
     device: &Device<R>,
     model: &Llama<R, F>,
     prompt: &[u32],
     max_new: usize,
     sampling: Sampling,
-    mut on_token: impl FnMut(u32),
+    on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
+    Ok(generate_until(device, model, prompt, max_new, sampling, on_token)?.tokens)
+}
+
+/// [`generate`], also saying why it stopped.
+///
+/// The sequence (prompt + new tokens) never exceeds the model's context, `C =
+/// max_position_embeddings` positions, as with transformers' `max_length`: a prompt of `P`
+/// tokens gets at most `C − P` new ones (the last new token is predicted at position `C − 1`
+/// and never itself computed), then [`Stop::ContextLimit`]. Errors: an empty prompt, or one of
+/// `C` tokens or more (naming both lengths).
+pub fn generate_until<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    model: &Llama<R, F>,
+    prompt: &[u32],
+    max_new: usize,
+    sampling: Sampling,
+    mut on_token: impl FnMut(u32),
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(TrainError::Options("the prompt is empty".into()));
     }
     let context = model.config.max_position_embeddings;
     if prompt.len() >= context {
-        return Err(TrainError::Options(format!(
-            "the prompt has {} tokens; the model's context is {context}",
-            prompt.len()
-        )));
+        return Err(TrainError::PromptFillsContext { tokens: prompt.len(), context });
     }
-    let capacity = (prompt.len() + max_new).min(context);
-    let mut cache = KvCache::new(device, model, 1, capacity)?;
+    // Room for the sequence's positions; the last generated token is never run through the
+    // model, so the cache holds one position fewer than the longest sequence.
+    let longest = (prompt.len() + max_new).min(context);
+    let mut cache = KvCache::new(device, model, 1, longest.saturating_sub(1).max(prompt.len()))?;
     let vocab = model.config.vocab_size;
     let mut rng = SplitMix64(sampling.seed);
-    let mut out = Vec::with_capacity(max_new);
+    let mut tokens = Vec::with_capacity(max_new);
     let ids = model.token_ids(device, prompt, 1, prompt.len())?;
     let mut logits = model.decode(device, &mut cache, &ids)?.to_f64_vec(device)?;
     let mut last_row = prompt.len() - 1;
-    while out.len() < max_new {
+    let stop = loop {
+        if tokens.len() == max_new {
+            break Stop::MaxNewTokens;
+        }
+        if prompt.len() + tokens.len() == context {
+            break Stop::ContextLimit;
+        }
         let next = sample(&logits[last_row * vocab..(last_row + 1) * vocab], &sampling, &mut rng) as u32;
         if sampling.stop_at == Some(next) {
-            break;
+            break Stop::StopToken;
         }
-        out.push(next);
+        tokens.push(next);
         on_token(next);
-        if out.len() == max_new || cache.len >= capacity {
-            break;
+        if tokens.len() == max_new || prompt.len() + tokens.len() == context {
+            continue;
         }
         let ids = model.token_ids(device, &[next], 1, 1)?;
         logits = model.decode(device, &mut cache, &ids)?.to_f64_vec(device)?;
         last_row = 0;
-    }
-    Ok(out)
+    };
+    Ok(Generation { tokens, stop })
 }

@@ -2,6 +2,9 @@
 //! `<s> prompt <sep> response </s>`, examples are concatenated (packed) into full sequences, and
 //! only the response tokens and `</s>` are targets; prompt, `<s>` and separator targets are
 //! `-100`, so the fused cross-entropy skips them and the loss is the mean over answer tokens.
+//! The special ids come from this format only: text that spells a special token inside a prompt
+//! or response (`</s>`, the separator) is encoded as that text, as in Llama 2, unless
+//! [`SpecialIds::parse_special`] asks otherwise.
 //!
 //! Packing: in epoch `e` the examples are taken in an order shuffled by the seed and `e`, and
 //! concatenated into rows of `T + 1` tokens (a row's inputs are its first `T`, its targets its
@@ -55,6 +58,9 @@ pub struct SftOptions {
     pub epochs: u64,
     pub separator: String,
     pub overlong: Overlong,
+    /// See [`SpecialIds::parse_special`] (absent in runs saved before it existed: off).
+    #[serde(default)]
+    pub parse_special_tokens: bool,
 }
 
 /// Reads `{"prompt": …, "response": …}` lines; blank lines are skipped.
@@ -97,12 +103,17 @@ pub struct EncodeReport {
     pub answer_tokens: usize,
 }
 
-/// The token ids SFT needs from a tokenizer.
+/// The token ids SFT needs from a tokenizer, and how the text between them is read.
 #[derive(Clone, Copy, Debug)]
 pub struct SpecialIds {
     pub bos: u32,
     pub separator: u32,
     pub eos: u32,
+    /// Special-token text inside prompts and responses (a typed `</s>` or separator) becomes
+    /// those tokens. Off by default ([`SpecialIds::of`]): it is encoded as the text it is, and
+    /// the special ids come only from the format, as in Llama 2
+    /// ([`TextTokenizer::encode_text`]).
+    pub parse_special: bool,
 }
 
 impl SpecialIds {
@@ -119,7 +130,13 @@ impl SpecialIds {
             bos: tokenizer.bos().ok_or_else(|| missing("beginning-of-sequence"))?,
             eos: tokenizer.eos().ok_or_else(|| missing("end-of-sequence"))?,
             separator: tokenizer.token_to_id(separator).ok_or_else(|| missing(separator))?,
+            parse_special: false,
         })
+    }
+
+    /// The same ids, with special-token text inside the examples parsed or not.
+    pub fn parsing_special(self, parse_special: bool) -> Self {
+        Self { parse_special, ..self }
     }
 
     /// `<s> prompt <sep>`: what generation continues to answer a prompt.
@@ -129,14 +146,15 @@ impl SpecialIds {
         prompt: &str,
     ) -> Result<Vec<u32>, crate::TrainError> {
         let mut tokens = vec![self.bos];
-        tokens.extend(tokenizer.encode(prompt, false)?);
+        tokens.extend(tokenizer.encode_text(prompt, false, self.parse_special)?);
         tokens.push(self.separator);
         Ok(tokens)
     }
 }
 
 /// Encodes every example as `<s> prompt <sep> response </s>`, applying `overlong` to those
-/// longer than `max_tokens`.
+/// longer than `max_tokens`. The special ids come from the format; text inside prompt and
+/// response is read as `ids.parse_special` says.
 pub fn encode(
     tokenizer: &TextTokenizer,
     ids: SpecialIds,
@@ -144,8 +162,11 @@ pub fn encode(
     max_tokens: usize,
     overlong: Overlong,
 ) -> Result<(Vec<Encoded>, EncodeReport), crate::TrainError> {
-    let prompts = tokenizer.encode_all(examples.iter().map(|e| e.prompt.as_str()).collect(), false)?;
-    let responses = tokenizer.encode_all(examples.iter().map(|e| e.response.as_str()).collect(), false)?;
+    let text = |field: fn(&Example) -> &str| {
+        tokenizer.encode_all_text(examples.iter().map(field).collect(), false, ids.parse_special)
+    };
+    let prompts = text(|e| e.prompt.as_str())?;
+    let responses = text(|e| e.response.as_str())?;
     let mut report = EncodeReport::default();
     let mut out = Vec::with_capacity(examples.len());
     for (prompt, response) in prompts.into_iter().zip(responses) {

@@ -136,20 +136,64 @@ impl TextTokenizer {
     }
 
     /// Token ids of `text`; `with_special` adds what the tokenizer's post-processor adds (`<s>`
-    /// for Llama's).
+    /// for Llama's). Special-token text inside `text` (a literal `</s>`) becomes that special
+    /// token: for corpora that mark documents that way. User text (prompts, SFT examples) goes
+    /// through [`Self::encode_text`] instead.
     pub fn encode(&self, text: &str, with_special: bool) -> Result<Vec<u32>> {
         let encoding =
             self.inner.encode(text, with_special).map_err(|e| self.error(format!("encoding failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Several texts at once (in parallel).
+    /// Several texts at once (in parallel), as [`Self::encode`].
     pub fn encode_all(&self, texts: Vec<&str>, with_special: bool) -> Result<Vec<Vec<u32>>> {
         let encodings = self
             .inner
             .encode_batch(texts, with_special)
             .map_err(|e| self.error(format!("encoding failed: {e}")))?;
         Ok(encodings.iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Token ids of user text. Unless `parse_special`, special-token text inside it (`</s>`,
+    /// `<s>`, an SFT separator) is encoded as the ordinary text it is, as Llama 2's reference
+    /// encoding does (SentencePiece on the user's text; the special ids come only from the
+    /// format); with `parse_special`, as [`Self::encode`]. `with_special` as in
+    /// [`Self::encode`].
+    pub fn encode_text(&self, text: &str, with_special: bool, parse_special: bool) -> Result<Vec<u32>> {
+        if parse_special {
+            return self.encode(text, with_special);
+        }
+        let encoding = self
+            .literal()
+            .encode(text, with_special)
+            .map_err(|e| self.error(format!("encoding failed: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Several texts at once (in parallel), as [`Self::encode_text`].
+    pub fn encode_all_text(
+        &self,
+        texts: Vec<&str>,
+        with_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<Vec<u32>>> {
+        if parse_special {
+            return self.encode_all(texts, with_special);
+        }
+        let encodings = self
+            .literal()
+            .encode_batch(texts, with_special)
+            .map_err(|e| self.error(format!("encoding failed: {e}")))?;
+        Ok(encodings.iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// A copy that reads special-token text as ordinary text (`tokenizers`'
+    /// `encode_special_tokens`: special added tokens are not split out; the setting is not
+    /// saved in `tokenizer.json`, so the copy is made here rather than stored).
+    fn literal(&self) -> Tokenizer {
+        let mut literal = self.inner.clone();
+        literal.set_encode_special_tokens(true);
+        literal
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {

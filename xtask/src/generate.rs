@@ -6,7 +6,7 @@ use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
 use model::Llama;
 use std::io::Write;
 use std::path::PathBuf;
-use trainer::generate::{Sampling, generate};
+use trainer::generate::{Sampling, Stop, generate_until};
 use trainer::sft::{DEFAULT_SEPARATOR, SpecialIds};
 use trainer::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 
@@ -17,7 +17,8 @@ pub struct GenerateArgs {
     /// Checkpoint directory (Hugging Face layout).
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text, encoded by the tokenizer (with its `<s>`).
+    /// Prompt text, encoded by the tokenizer (with its `<s>`); special-token text in it is
+    /// plain text unless --parse-special-tokens.
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
     /// The prompt as comma-separated token ids instead (output is printed as ids too).
@@ -32,6 +33,13 @@ pub struct GenerateArgs {
     /// The separator of --answer.
     #[arg(long, default_value = DEFAULT_SEPARATOR)]
     separator: String,
+    /// Read special-token text typed in the prompt (`</s>`, the separator) as those tokens. By
+    /// default it is ordinary text, as in Llama 2: only `<s>` (and with --answer the
+    /// separator) are added, by the format.
+    #[arg(long)]
+    parse_special_tokens: bool,
+    /// At most this many tokens; generation also stops, with a message, when prompt and
+    /// output fill the model's context (max_position_embeddings).
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
     /// 0 is greedy.
@@ -86,11 +94,12 @@ impl Generate<'_> {
             Sampling { temperature: args.temperature, top_p: args.top_p, seed: args.seed, stop_at: None };
         let prompt = match (&args.prompt, &tokenizer) {
             (Some(text), Some(tokenizer)) if args.answer => {
-                let ids = SpecialIds::of(tokenizer, &args.separator)?;
+                let ids =
+                    SpecialIds::of(tokenizer, &args.separator)?.parsing_special(args.parse_special_tokens);
                 sampling.stop_at = Some(ids.eos);
                 ids.prompt_tokens(tokenizer, text)?
             }
-            (Some(text), Some(tokenizer)) => tokenizer.encode(text, true)?,
+            (Some(text), Some(tokenizer)) => tokenizer.encode_text(text, true, args.parse_special_tokens)?,
             (Some(_), None) => bail!(
                 "no tokenizer for --prompt: {} has no {TOKENIZER_FILE}; pass --tokenizer FILE or --prompt-ids 1,2,3",
                 args.model.display()
@@ -104,7 +113,7 @@ impl Generate<'_> {
             print!("{}", args.prompt.as_deref().unwrap_or_default());
         }
         let mut failure = None;
-        generate(dev, &model, &prompt, args.max_new_tokens, sampling, |token| {
+        let generation = generate_until(dev, &model, &prompt, args.max_new_tokens, sampling, |token| {
             match decoder.as_mut() {
                 Some(decoder) => match decoder.push(token) {
                     Ok(text) => print!("{text}"),
@@ -117,6 +126,15 @@ impl Generate<'_> {
         println!();
         if let Some(e) = failure {
             return Err(e.into());
+        }
+        if generation.stop == Stop::ContextLimit {
+            eprintln!(
+                "generation stopped at the context limit: {} prompt + {} new tokens = {} positions, the model's \
+                 max_position_embeddings",
+                prompt.len(),
+                generation.tokens.len(),
+                model.config.max_position_embeddings
+            );
         }
         Ok(())
     }

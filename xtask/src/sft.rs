@@ -36,6 +36,11 @@ pub struct SftArgs {
     /// What to do with an example longer than the sequence length: truncate or drop.
     #[arg(long, default_value = "truncate", value_parser = parse_overlong)]
     overlong: Overlong,
+    /// Read special-token text inside prompts and responses (`</s>`, the separator) as those
+    /// tokens. By default it is ordinary text, as in Llama 2: the special ids come only from
+    /// the format `<s> prompt SEP response </s>`.
+    #[arg(long)]
+    parse_special_tokens: bool,
 }
 
 fn parse_overlong(s: &str) -> Result<Overlong, String> {
@@ -150,6 +155,13 @@ pub fn run(args: SftArgs) -> Result<()> {
                 sft.overlong
             );
         }
+        if args.parse_special_tokens && !sft.parse_special_tokens {
+            bail!(
+                "--parse-special-tokens: the run in {} encoded its examples without it; a resumed run keeps \
+                 the saved encoding",
+                dir.display()
+            );
+        }
         if let Some(steps) = args.train.steps {
             state.options.steps = steps;
         }
@@ -196,8 +208,12 @@ pub fn run(args: SftArgs) -> Result<()> {
             );
         }
         let options = sft_options(&args, &config)?;
-        let sft =
-            SftOptions { epochs: args.epochs, separator: args.separator.clone(), overlong: args.overlong };
+        let sft = SftOptions {
+            epochs: args.epochs,
+            separator: args.separator.clone(),
+            overlong: args.overlong,
+            parse_special_tokens: args.parse_special_tokens,
+        };
         if !args.train.val_data.is_empty() {
             bail!(
                 "sft holds out part of --data for validation (--eval-every, --val-fraction); --val-data is for train"
@@ -290,7 +306,7 @@ impl Sft<'_> {
                 (None, None) => split_batch(total, options.seq_len, vocab_size, dev.info().max_buffer_bytes),
             };
         }
-        let ids = SpecialIds::of(&tokenizer, &sft.separator)?;
+        let ids = SpecialIds::of(&tokenizer, &sft.separator)?.parsing_special(sft.parse_special_tokens);
         // A row holds seq + 1 tokens (inputs and the shifted targets).
         let (encoded, report) = sft::encode(&tokenizer, ids, &examples, options.seq_len + 1, sft.overlong)?;
         eprintln!(

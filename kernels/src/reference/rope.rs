@@ -1,5 +1,6 @@
 //! RoPE in f64 (angles computed exactly): same names and argument order as [`crate::rope`],
-//! with `[B, T, H, hd]` given as explicit sizes.
+//! with `[B, T, H, hd]` given as explicit sizes. The `_scaled` forms divide positions by
+//! linear scaling's factor before taking the angles.
 
 fn rotate(
     out: &mut [f64],
@@ -7,12 +8,13 @@ fn rotate(
     (batch, seq_len, heads, head_dim): (usize, usize, usize, usize),
     theta: f64,
     position_offset: usize,
+    position_divisor: f64,
     sign: f64,
 ) {
     let half = head_dim / 2;
     for b in 0..batch {
         for t in 0..seq_len {
-            let pos = (position_offset + t) as f64;
+            let pos = (position_offset + t) as f64 / position_divisor;
             for h in 0..heads {
                 let base = ((b * seq_len + t) * heads + h) * head_dim;
                 for i in 0..half {
@@ -34,7 +36,7 @@ pub fn rope_forward(
     theta: f64,
     position_offset: usize,
 ) {
-    rotate(out, x, shape, theta, position_offset, 1.0);
+    rotate(out, x, shape, theta, position_offset, 1.0, 1.0);
 }
 
 pub fn rope_backward(
@@ -44,5 +46,29 @@ pub fn rope_backward(
     theta: f64,
     position_offset: usize,
 ) {
-    rotate(dx, dout, shape, theta, position_offset, -1.0);
+    rotate(dx, dout, shape, theta, position_offset, 1.0, -1.0);
+}
+
+/// [`rope_forward`] with positions divided by `position_divisor`.
+pub fn rope_forward_scaled(
+    out: &mut [f64],
+    x: &[f64],
+    shape: (usize, usize, usize, usize),
+    theta: f64,
+    position_offset: usize,
+    position_divisor: f64,
+) {
+    rotate(out, x, shape, theta, position_offset, position_divisor, 1.0);
+}
+
+/// [`rope_backward`] with positions divided by `position_divisor`.
+pub fn rope_backward_scaled(
+    dx: &mut [f64],
+    dout: &[f64],
+    shape: (usize, usize, usize, usize),
+    theta: f64,
+    position_offset: usize,
+    position_divisor: f64,
+) {
+    rotate(dx, dout, shape, theta, position_offset, position_divisor, -1.0);
 }
