@@ -19,6 +19,7 @@ use crate::tokenizer::TextTokenizer;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -607,27 +608,83 @@ fn cached_text_tokens(
         return Ok((tokens, CacheOutcome::Hit { cache }));
     }
     let text = std::str::from_utf8(bytes).map_err(|e| not_utf8(path, &e))?;
-    let mut tokens = Vec::new();
-    let docs: Vec<&str> = documents_by(text, separator).collect();
-    for chunk in docs.chunks(ENCODE_CHUNK_DOCUMENTS) {
-        for encoded in tokenizer.encode_all(chunk.to_vec(), true)? {
-            tokens.extend(encoded);
-        }
-    }
     let staged = cache.with_file_name(format!("{name}.tokens-{}.tmp", std::process::id()));
-    // Written whole to a staging name, then renamed: a cache is either complete or absent.
-    let written =
-        std::fs::write(&staged, encode_llmc_u32(&tokens)).and_then(|()| std::fs::rename(&staged, &cache));
-    match written {
-        Ok(()) => {
+    // Streamed to a staging name, then renamed: a cache is either complete or absent, and the
+    // tokens never sit in memory whole.
+    let streamed = (|| -> std::io::Result<std::result::Result<(), crate::TrainError>> {
+        let mut out = std::io::BufWriter::new(std::fs::File::create(&staged)?);
+        out.write_all(&encode_llmc_u32(&[]))?;
+        let mut count = 0usize;
+        let mut written =
+            |tokens: &[u32], out: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
+                count += tokens.len();
+                out.write_all(&tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>())
+            };
+        let failed = encode_in_chunks(text, separator, tokenizer, |tokens| written(tokens, &mut out));
+        match failed {
+            Err(EncodeFailure::Io(e)) => return Err(e),
+            Err(EncodeFailure::Other(e)) => return Ok(Err(e)),
+            Ok(()) => {}
+        }
+        let Ok(count) = i32::try_from(count) else {
+            return Ok(Err(format_error(
+                path,
+                format!("encodes to {count} tokens, more than an llm.c shard holds (2^31 - 1): split the text into several files"),
+            )
+            .into()));
+        };
+        let mut file = out.into_inner().map_err(|e| e.into_error())?;
+        file.seek(std::io::SeekFrom::Start(8))?;
+        file.write_all(&count.to_le_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&staged, &cache)?;
+        Ok(Ok(()))
+    })();
+    match streamed {
+        Ok(Ok(())) => {
             let (_, mapped) = map_tokens(&cache, TokenFormat::Llmc)?;
             Ok((mapped, CacheOutcome::Written { cache }))
         }
+        Ok(Err(e)) => {
+            let _ = std::fs::remove_file(&staged);
+            Err(e)
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&staged);
+            let mut tokens = Vec::new();
+            encode_in_chunks(text, separator, tokenizer, |chunk| {
+                tokens.extend_from_slice(chunk);
+                Ok(())
+            })
+            .map_err(|failure| match failure {
+                EncodeFailure::Other(e) => e,
+                EncodeFailure::Io(e) => DataError::Io { path: path.to_path_buf(), source: e }.into(),
+            })?;
             Ok((Tokens::Memory(tokens), CacheOutcome::Unwritable { cache, reason: e.to_string() }))
         }
     }
+}
+
+enum EncodeFailure {
+    Io(std::io::Error),
+    Other(crate::TrainError),
+}
+
+/// Encodes the documents of `text` a chunk at a time (the tokenizer's parallel batch encoder on
+/// each), handing each chunk's tokens to `sink`.
+fn encode_in_chunks(
+    text: &str,
+    separator: &DocSeparator,
+    tokenizer: &TextTokenizer,
+    mut sink: impl FnMut(&[u32]) -> std::io::Result<()>,
+) -> std::result::Result<(), EncodeFailure> {
+    let mut docs = documents_by(text, separator).peekable();
+    while docs.peek().is_some() {
+        let chunk: Vec<&str> = docs.by_ref().take(ENCODE_CHUNK_DOCUMENTS).collect();
+        let encoded = tokenizer.encode_all(chunk, true).map_err(|e| EncodeFailure::Other(e.into()))?;
+        sink(&encoded.concat()).map_err(EncodeFailure::Io)?;
+    }
+    Ok(())
 }
 
 fn not_utf8(path: &Path, e: &std::str::Utf8Error) -> DataError {

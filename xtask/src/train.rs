@@ -296,10 +296,7 @@ pub fn sized_preset(
             (None, Some(t)) => format!("the tokenizer ({})", t.origin),
             (None, None) => unreachable!("the preset's own size"),
         };
-        eprintln!(
-            "vocabulary: {size} tokens, sized to {why} (the {preset} preset has {})",
-            config.vocab_size
-        );
+        eprintln!("vocabulary: {size} tokens, sized to {why}; the {preset} preset has {}", config.vocab_size);
         config.vocab_size = size;
     }
     Ok(config)
