@@ -332,6 +332,16 @@ pub struct Lexicon {
     pub(crate) max_words: usize,
     /// The longest vocabulary word in bytes: longer words are not looked up.
     pub(crate) max_word_bytes: usize,
+    /// A 65536-bit filter over (length, first, second, last byte) of the ASCII vocabulary
+    /// words: most words of a text ("the", "and") miss it and skip lower-casing and hashing.
+    filter: Box<[u64; 1024]>,
+}
+
+/// The filter bit of a lower-case ASCII word's (length, first, second, last byte).
+#[inline]
+pub(crate) fn filter_bit(len: usize, first: u8, second: u8, last: u8) -> usize {
+    let key = u32::from(first) | u32::from(second) << 8 | u32::from(last) << 16 | (len.min(255) as u32) << 24;
+    (key.wrapping_mul(0x9E37_79B1) >> 16) as usize
 }
 
 impl Lexicon {
@@ -345,6 +355,7 @@ impl Lexicon {
             axes: Vec::new(),
             max_words: 1,
             max_word_bytes: 0,
+            filter: Box::new([0; 1024]),
         };
         for (word, mask) in pronoun_words() {
             let id = lexicon.intern(word);
@@ -393,7 +404,24 @@ impl Lexicon {
         self.vocab.insert(word.as_bytes().into(), id);
         self.entries.push(WordEntry::default());
         self.max_word_bytes = self.max_word_bytes.max(word.len());
+        let b = word.as_bytes();
+        if word.is_ascii() && !b.is_empty() {
+            let bit = filter_bit(b.len(), b[0], b[1.min(b.len() - 1)], b[b.len() - 1]);
+            self.filter[bit / 64] |= 1 << (bit % 64);
+        }
         id
+    }
+
+    /// Whether an ASCII word (any case) may be in the vocabulary; `false` is certain.
+    #[inline]
+    pub(crate) fn may_hold_ascii(&self, word: &[u8]) -> bool {
+        let n = word.len();
+        if n == 0 || n > self.max_word_bytes {
+            return false;
+        }
+        // `| 0x20` lower-cases ASCII letters and leaves digits as they are.
+        let bit = filter_bit(n, word[0] | 0x20, word[1.min(n - 1)] | 0x20, word[n - 1] | 0x20);
+        self.filter[bit / 64] & (1 << (bit % 64)) != 0
     }
 
     /// The id of a lower-cased word, or [`NONE`].
@@ -433,6 +461,17 @@ mod tests {
             }
         }
         assert!(Lexicon::new(&Descriptors::builtin()).is_ok());
+    }
+
+    #[test]
+    fn the_filter_never_drops_a_vocabulary_word() {
+        let lexicon = Lexicon::new(&Descriptors::builtin()).unwrap();
+        for word in lexicon.vocab.keys().filter(|w| w.is_ascii()) {
+            let upper = word.to_ascii_uppercase();
+            assert!(lexicon.may_hold_ascii(word) && lexicon.may_hold_ascii(&upper), "{word:?}");
+        }
+        // Words longer than any vocabulary word are not looked up.
+        assert!(!lexicon.may_hold_ascii(b"antidisestablishmentarianism"));
     }
 
     #[test]

@@ -45,6 +45,33 @@ impl Patterns {
     }
 }
 
+/// Byte classes of the word scan: ASCII separators, letters, digits, and the lead or
+/// continuation bytes of other characters (decoded and classified by Unicode).
+const SEPARATOR: u8 = 0;
+const LETTER: u8 = 1;
+const DIGIT: u8 = 2;
+const ALNUM: u8 = LETTER | DIGIT;
+const OTHER: u8 = 4;
+
+static CLASS: [u8; 256] = {
+    let mut table = [SEPARATOR; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        table[b] = if byte >= 0x80 {
+            OTHER
+        } else if byte.is_ascii_digit() {
+            DIGIT
+        } else if byte.is_ascii_alphabetic() {
+            LETTER
+        } else {
+            SEPARATOR
+        };
+        b += 1;
+    }
+    table
+};
+
 /// What the audit needs besides the lexicon.
 #[derive(Clone, Debug)]
 pub(crate) struct ScanOptions {
@@ -119,14 +146,17 @@ pub(crate) struct Scanner<'a> {
     term_seen: Vec<u64>,
     axis_seen: Vec<u64>,
     serial: u64,
-    /// Ids of the last `max_words` words (the term matcher's window).
+    /// Ids of the last words (at least `max_words`: the term matcher's window), a power of
+    /// two long so that a mask, not a division, finds a slot.
     ring: Vec<u32>,
+    ring_mask: usize,
     /// Words seen in the document, and the first word a new term match may start at.
     position: usize,
     free_from: usize,
     pronouns: u8,
     lower: Vec<u8>,
     normalized: Vec<u8>,
+    double_space: memchr::memmem::Finder<'static>,
 }
 
 impl<'a> Scanner<'a> {
@@ -139,12 +169,14 @@ impl<'a> Scanner<'a> {
             term_seen: vec![0; lexicon.terms.len()],
             axis_seen: vec![0; lexicon.axes.len()],
             serial: 0,
-            ring: vec![NONE; lexicon.max_words],
+            ring: vec![NONE; lexicon.max_words.next_power_of_two()],
+            ring_mask: lexicon.max_words.next_power_of_two() - 1,
             position: 0,
             free_from: 0,
             pronouns: 0,
             lower: Vec::with_capacity(64),
             normalized: Vec::new(),
+            double_space: memchr::memmem::Finder::new(b"  "),
         }
     }
 
@@ -162,7 +194,8 @@ impl<'a> Scanner<'a> {
         self.counts.documents += 1;
         self.counts.bytes += text.len() as u64;
 
-        let (has_at, has_digit) = self.words(text);
+        let has_digit = self.words(text);
+        let has_at = memchr::memchr(b'@', text.as_bytes()).is_some();
         self.finish_terms();
 
         let p = self.pronouns;
@@ -193,44 +226,46 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Counts the words and feeds each to the matchers; whether the text holds an '@' and a
-    /// digit. ASCII bytes are classified directly; other characters are decoded.
-    fn words(&mut self, text: &str) -> (bool, bool) {
+    /// Counts the words and feeds each to the matchers; whether the text holds a digit. ASCII
+    /// bytes are classified by a table in tight loops (separators, then a word's letters and
+    /// digits); other characters are decoded and classified by Unicode.
+    fn words(&mut self, text: &str) -> bool {
         let bytes = text.as_bytes();
-        let (mut has_at, mut has_digit) = (false, false);
-        let mut start: Option<usize> = None;
-        let mut ascii = true;
+        let n = bytes.len();
+        let mut seen = 0u8;
         let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            if b < 0x80 {
-                if b.is_ascii_alphanumeric() {
-                    has_digit |= b.is_ascii_digit();
-                    start.get_or_insert(i);
-                } else {
-                    has_at |= b == b'@';
-                    if let Some(s) = start.take() {
-                        self.word(&text[s..i], ascii);
-                        ascii = true;
-                    }
-                }
+        'words: loop {
+            while i < n && CLASS[bytes[i] as usize] == SEPARATOR {
                 i += 1;
-            } else {
-                let c = text[i..].chars().next().expect("i is at a character boundary");
-                if c.is_alphanumeric() {
-                    start.get_or_insert(i);
-                    ascii = false;
-                } else if let Some(s) = start.take() {
-                    self.word(&text[s..i], ascii);
-                    ascii = true;
-                }
-                i += c.len_utf8();
             }
+            if i >= n {
+                break;
+            }
+            let start = i;
+            let mut ascii = true;
+            loop {
+                while i < n && CLASS[bytes[i] as usize] & ALNUM != 0 {
+                    seen |= CLASS[bytes[i] as usize];
+                    i += 1;
+                }
+                if i < n && CLASS[bytes[i] as usize] == OTHER {
+                    let c = text[i..].chars().next().expect("i is at a character boundary");
+                    i += c.len_utf8();
+                    if c.is_alphanumeric() {
+                        ascii = false;
+                        continue;
+                    }
+                    // A non-ASCII separator ends the word (or stands alone).
+                    if i - c.len_utf8() > start {
+                        self.word(&text[start..i - c.len_utf8()], ascii);
+                    }
+                    continue 'words;
+                }
+                break;
+            }
+            self.word(&text[start..i], ascii);
         }
-        if let Some(s) = start {
-            self.word(&text[s..], ascii);
-        }
-        (has_at, has_digit)
+        seen & DIGIT != 0
     }
 
     #[inline]
@@ -238,12 +273,12 @@ impl<'a> Scanner<'a> {
         self.counts.words += 1;
         let lexicon = self.lexicon;
         let id = if ascii {
-            if word.len() > lexicon.max_word_bytes {
-                NONE
-            } else {
+            if lexicon.may_hold_ascii(word.as_bytes()) {
                 self.lower.clear();
                 self.lower.extend(word.bytes().map(|b| b.to_ascii_lowercase()));
                 lexicon.lookup(&self.lower)
+            } else {
+                NONE
             }
         } else {
             lexicon.lookup(word.to_lowercase().as_bytes())
@@ -251,18 +286,21 @@ impl<'a> Scanner<'a> {
         if id != NONE {
             self.pronouns |= lexicon.entries[id as usize].pronouns;
         }
-        let k = self.ring.len();
-        self.ring[self.position % k] = id;
+        self.ring[self.position & self.ring_mask] = id;
         self.position += 1;
-        // The match starting `k - 1` words back now has all the words it could need.
+        // The match starting `max_words - 1` words back now has all the words it could need.
+        let k = self.lexicon.max_words;
         if self.position >= k {
-            self.try_match(self.position - k);
+            let start = self.position - k;
+            if self.ring[start & self.ring_mask] != NONE {
+                self.try_match(start);
+            }
         }
     }
 
     /// At the end of a document: the starts that had fewer than `max_words` words after them.
     fn finish_terms(&mut self) {
-        let k = self.ring.len();
+        let k = self.lexicon.max_words;
         for start in self.position.saturating_sub(k - 1)..self.position {
             self.try_match(start);
         }
@@ -273,8 +311,8 @@ impl<'a> Scanner<'a> {
         if start < self.free_from {
             return;
         }
-        let k = self.ring.len();
-        let id = self.ring[start % k];
+        let mask = self.ring_mask;
+        let id = self.ring[start & mask];
         if id == NONE {
             return;
         }
@@ -283,7 +321,7 @@ impl<'a> Scanner<'a> {
         for &key in &lexicon.entries[id as usize].starts {
             let key = &lexicon.keys[key as usize];
             let n = key.words.len();
-            if n > available || (1..n).any(|j| self.ring[(start + j) % k] != key.words[j]) {
+            if n > available || (1..n).any(|j| self.ring[(start + j) & mask] != key.words[j]) {
                 continue;
             }
             self.free_from = start + n;
@@ -306,19 +344,27 @@ impl<'a> Scanner<'a> {
     /// xxh3-128 of the text with whitespace runs collapsed to one space (the text is trimmed).
     fn duplicate_hash(&mut self, text: &str) -> u128 {
         let bytes = text.as_bytes();
-        // Most documents need no rewriting: only single ASCII spaces between non-spaces.
-        let plain = bytes.is_ascii()
-            && !bytes.iter().any(|&b| b.is_ascii_whitespace() && b != b' ')
-            && memchr::memmem::find(bytes, b"  ").is_none();
-        if plain {
-            return xxh3_128(bytes);
-        }
         self.normalized.clear();
-        for (n, piece) in text.split_whitespace().enumerate() {
-            if n > 0 {
-                self.normalized.push(b' ');
+        if bytes.is_ascii() {
+            // Char::is_whitespace on ASCII: these six bytes (vertical tab included).
+            let space = |b: &u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+            // Most documents need no rewriting: only single spaces between non-spaces.
+            if !bytes.iter().any(|b| space(b) && *b != b' ') && self.double_space.find(bytes).is_none() {
+                return xxh3_128(bytes);
             }
-            self.normalized.extend_from_slice(piece.as_bytes());
+            for piece in bytes.split(space).filter(|p| !p.is_empty()) {
+                if !self.normalized.is_empty() {
+                    self.normalized.push(b' ');
+                }
+                self.normalized.extend_from_slice(piece);
+            }
+        } else {
+            for piece in text.split_whitespace() {
+                if !self.normalized.is_empty() {
+                    self.normalized.push(b' ');
+                }
+                self.normalized.extend_from_slice(piece.as_bytes());
+            }
         }
         xxh3_128(&self.normalized)
     }

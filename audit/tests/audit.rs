@@ -50,6 +50,21 @@ fn pronouns_are_whole_words_in_any_case() {
 }
 
 #[test]
+fn the_word_rule_on_unicode_text() {
+    let docs = [
+        "naïve—she’s café", // naïve, she, s, café (4): the dash and ’ separate; She
+        "ΑΥΤΗ HER",         // αυτη, her (2): Greek lower-cased too; She
+        "—",                // no word (0), still a document
+        "x²",               // x² (1): ² is a digit (Numeric)
+        "SHE\u{a0}HE",      // she, he (2): a no-break space separates; She, He
+    ];
+    let report = audit_documents(docs, &no_languages()).unwrap();
+    assert_eq!((report.documents, report.words), (5, 4 + 2 + 1 + 2));
+    assert_eq!(report.pronouns.she, share(3, 5));
+    assert_eq!(report.pronouns.he, share(1, 5));
+}
+
+#[test]
 fn descriptors_count_documents_per_axis_and_term() {
     let descriptors = Descriptors::parse(
         r#"{"Nationality": ["american", "mexican"],
