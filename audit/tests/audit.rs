@@ -300,7 +300,7 @@ fn languages_by_whatlang_with_a_threshold() {
 #[test]
 fn token_files_need_a_tokenizer_with_bos() {
     let input = Input::memory("c.bin", encode_llmc_u16(&[256, 104, 105]), Format::Tokens);
-    let err = audit(&[input.clone()], &no_languages(), &|_, _| {}).unwrap_err();
+    let err = audit(std::slice::from_ref(&input), &no_languages(), &|_, _| {}).unwrap_err();
     assert!(err.to_string().contains("needs --tokenizer"), "{err}");
     let options = Options { tokenizer: Some(TextTokenizer::bytes()), ..no_languages() };
     // <s> "hi": one document, two bytes, 3 tokens.
