@@ -56,7 +56,9 @@ pub struct Options {
     pub descriptors: Descriptors,
     /// Worker threads (default: rayon's, one per core).
     pub threads: Option<usize>,
-    /// Bytes per chunk of work.
+    /// Bytes per chunk of work: 1 MiB by default, small enough to keep both cores busy to the
+    /// end (a chunk of short documents takes ~0.2 s with language identification), large
+    /// enough that merging (a lock per chunk) costs nothing measurable.
     pub chunk_bytes: usize,
 }
 
@@ -71,7 +73,7 @@ impl Default for Options {
             tokenizer: None,
             descriptors: Descriptors::builtin(),
             threads: None,
-            chunk_bytes: 4 << 20,
+            chunk_bytes: 1 << 20,
         }
     }
 }

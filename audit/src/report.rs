@@ -271,7 +271,9 @@ impl Report {
                 .take(5)
                 .map(|t| format!("{} ({:.1})", t.term, t.percent_of_axis))
                 .collect();
-            writeln!(out, "{name:<22} {:>12} {:>8.2}   {}", axis.documents, axis.percent, top.join(", "))?;
+            let line =
+                format!("{name:<22} {:>12} {:>8.2}   {}", axis.documents, axis.percent, top.join(", "));
+            writeln!(out, "{}", line.trim_end())?;
         }
 
         let lang = &self.languages;

@@ -40,7 +40,7 @@ hash (percentages are then of the examined documents).
 Personal data: e-mail addresses (local@domain.tld), North American and +CC international phone
 numbers written with separators, IPv4 addresses (four numbers 0-255).
 
-Memory: a few 4 MiB chunks per thread, plus 16 bytes per distinct document for the duplicate
+Memory: a few 1 MiB chunks per thread, plus 16 bytes per distinct document for the duplicate
 hashes (xxh3-128 of the text with whitespace collapsed), plus one token file at a time.";
 
 /// Audit a corpus as Llama 2 did: pronouns, demographic descriptors, languages, personal data,
@@ -306,6 +306,11 @@ fn bench_in(args: &DataAuditArgs, options: &Options, path: &Path) -> Result<()> 
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()).map(|s| format!("{v}={s}")))
         .unwrap_or_else(|| "POSIX locale".into());
+    // Other work on the machine slows the two-thread audit more than the one-thread wc.
+    if let Ok(load) = std::fs::read_to_string("/proc/loadavg") {
+        let load: Vec<&str> = load.split_whitespace().take(3).collect();
+        println!("load average before the runs: {}", load.join(" "));
+    }
     let (wc_seconds, wc_count) = wc_words(path)?;
     let wc_rate = mb / wc_seconds;
     println!("wc -w ({locale}): {wc_seconds:.2} s, {wc_rate:.1} MB/s ({wc_count} words by its rule)");
