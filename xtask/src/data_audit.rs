@@ -33,7 +33,7 @@ one document per line in --text-field; token files (llm.c shards, llama2.c .bin)
 --tokenizer and split at <s>. Documents are trimmed; empty ones are counted apart.
 
 Languages: whatlang's guess on the first --lang-prefix bytes of each document (its cost is
-mostly per document, ~0.1 ms, so it dominates on short documents); guesses below
+mostly per document, ~0.15 ms, so it dominates, most on short documents); guesses below
 --lang-threshold count as unknown. --lang-every N examines one document in N, chosen by content
 hash (percentages are then of the examined documents).
 
