@@ -14,9 +14,12 @@
 //! - `cargo xtask generate --model DIR --prompt TEXT`: KV-cache generation, streamed.
 //! - `cargo xtask sft --model DIR --data FILE.jsonl`: supervised fine-tuning (loss on answers);
 //!   `cargo xtask sft-data`: the built-in instruction task (reverse a word) as JSON Lines.
+//! - `cargo xtask data-audit --data FILE...`: Llama 2's pretraining-data audit (pronouns,
+//!   demographic descriptors, languages, personal data, duplicates); `--bench` for its speed.
 
 mod bench;
 mod cargo;
+mod data_audit;
 mod eval;
 mod generate;
 mod init;
@@ -93,6 +96,9 @@ enum Command {
     Init(init::InitArgs),
     /// Show a configuration (preset, checkpoint or config.json): parameters and training memory.
     Config(init::ConfigArgs),
+    /// Audit pretraining data as Llama 2 did: pronouns, demographic descriptors, languages,
+    /// personal data, duplicates (no --data: the built-in corpus).
+    DataAudit(Box<data_audit::DataAuditArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -128,5 +134,6 @@ fn run(command: Command) -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Init(args) => init::init(args),
         Command::Config(args) => init::show(args),
+        Command::DataAudit(args) => data_audit::run(*args),
     }
 }

@@ -9,7 +9,8 @@ use plotters::style::FontStyle;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const FONT_FAMILY: &str = "sans-serif";
+/// The family name the registered font is drawn under.
+pub(crate) const FONT_FAMILY: &str = "sans-serif";
 
 /// Usual places of a sans-serif TrueType font (Debian/Ubuntu, Fedora, Arch, macOS, Windows).
 const FONT_CANDIDATES: [&str; 7] = [
@@ -23,7 +24,7 @@ const FONT_CANDIDATES: [&str; 7] = [
 ];
 
 /// Registers a system font with plotters once; the path used, or why none.
-fn font() -> Result<&'static Path, String> {
+pub(crate) fn font() -> Result<&'static Path, String> {
     static FONT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     FONT.get_or_init(|| {
         for candidate in FONT_CANDIDATES.iter().map(Path::new) {
