@@ -5,8 +5,9 @@
 //! - Text (the trainer's format, [`trainer::data::documents`]): chunks end right after a blank
 //!   line, so each chunk's documents are the file's.
 //! - JSON Lines: chunks end after a newline; one document per line, the text in a named field.
-//! - Token files (whatever [`trainer::data::TokenStream`] reads): one file in memory at a time,
-//!   cut into ranges that start at `<s>`; each document is decoded with the tokenizer.
+//! - Token files (whatever [`trainer::data::TokenStream`] reads): memory-mapped and read a
+//!   chunk at a time, cut into ranges that start at `<s>`; each document is decoded with the
+//!   tokenizer.
 
 use crate::error::{AuditError, Result};
 use std::io::Read;
@@ -153,7 +154,7 @@ impl<'a> WorkSource<'a> {
             }
             Format::Tokens => {
                 let stream = input.tokens()?;
-                let bytes_per_token = input.len()? as f64 / stream.tokens.len().max(1) as f64;
+                let bytes_per_token = input.len()? as f64 / stream.len().max(1) as f64;
                 Current::Tokens { stream: Arc::new(stream), cursor: 0, bytes_per_token }
             }
         })
@@ -204,16 +205,15 @@ impl<'a> WorkSource<'a> {
                 }
             }
             Current::Tokens { stream, cursor, bytes_per_token } => {
-                let tokens = &stream.tokens;
-                if *cursor >= tokens.len() {
+                let len = stream.len();
+                if *cursor >= len {
                     return Ok(None);
                 }
                 // About as many tokens as a text chunk has bytes (a token is ~4 bytes of text),
                 // ending where the next document starts.
-                let target = (*cursor + (chunk_bytes / 4).max(1)).min(tokens.len());
+                let target = (*cursor + (chunk_bytes / 4).max(1)).min(len);
                 let bos = bos.expect("checked before reading token files");
-                let end =
-                    tokens[target..].iter().position(|&t| t == bos).map_or(tokens.len(), |p| target + p);
+                let end = next_bos(stream, target, bos);
                 let range = *cursor..end;
                 *cursor = end;
                 let input_bytes = (range.len() as f64 * *bytes_per_token) as u64;
@@ -361,4 +361,20 @@ mod tests {
             assert_eq!(docs, whole, "chunk_bytes {chunk_bytes}");
         }
     }
+}
+
+/// The first position at or after `from` that holds `bos`, or the stream's end. Reads the
+/// (memory-mapped) stream a piece at a time.
+fn next_bos(stream: &TokenStream, from: usize, bos: u32) -> usize {
+    const PIECE: usize = 1 << 16;
+    let mut at = from;
+    while at < stream.len() {
+        let n = PIECE.min(stream.len() - at);
+        let tokens = stream.read(at, n).expect("within the stream");
+        if let Some(p) = tokens.iter().position(|&t| t == bos) {
+            return at + p;
+        }
+        at += n;
+    }
+    stream.len()
 }

@@ -297,11 +297,12 @@ fn process(cx: &Context, work: input::Work) -> Result<Counts> {
         WorkKind::Tokens { stream, range } => {
             let tokenizer = cx.options.tokenizer.as_ref().expect("checked before reading token files");
             let bos = tokenizer.bos().expect("checked before reading token files");
-            let tokens = &stream.tokens;
+            let tokens = stream.read(range.start, range.len()).expect("chunks lie within the stream");
             scanner.counts.tokens += range.len() as u64;
             // A document is what follows a <s> up to the next (maybe nothing), plus whatever
-            // precedes the file's first <s>.
-            let mut start = range.start;
+            // precedes the file's first <s>. Positions are within the chunk.
+            let range = 0..tokens.len();
+            let mut start = 0;
             let mut after_bos = false;
             let decode = |scanner: &mut Scanner, ids: &[u32]| -> Result<()> {
                 let text = tokenizer.decode(ids, true)?;
