@@ -311,6 +311,22 @@ pub(crate) fn byte_documents(bytes: &[u8]) -> Vec<std::result::Result<&str, ()>>
     out
 }
 
+/// The first position at or after `from` that holds `bos`, or the stream's end. Reads the
+/// (memory-mapped) stream a piece at a time.
+fn next_bos(stream: &TokenStream, from: usize, bos: u32) -> usize {
+    const PIECE: usize = 1 << 16;
+    let mut at = from;
+    while at < stream.len() {
+        let n = PIECE.min(stream.len() - at);
+        let tokens = stream.read(at, n).expect("within the stream");
+        if let Some(p) = tokens.iter().position(|&t| t == bos) {
+            return at + p;
+        }
+        at += n;
+    }
+    stream.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,20 +377,4 @@ mod tests {
             assert_eq!(docs, whole, "chunk_bytes {chunk_bytes}");
         }
     }
-}
-
-/// The first position at or after `from` that holds `bos`, or the stream's end. Reads the
-/// (memory-mapped) stream a piece at a time.
-fn next_bos(stream: &TokenStream, from: usize, bos: u32) -> usize {
-    const PIECE: usize = 1 << 16;
-    let mut at = from;
-    while at < stream.len() {
-        let n = PIECE.min(stream.len() - at);
-        let tokens = stream.read(at, n).expect("within the stream");
-        if let Some(p) = tokens.iter().position(|&t| t == bos) {
-            return at + p;
-        }
-        at += n;
-    }
-    stream.len()
 }
