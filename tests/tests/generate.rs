@@ -62,19 +62,21 @@ fn full_logits<R: BackendRuntime>(dev: &Device<R>, model: &Llama<R, f32>, tokens
     acts.logits.to_f64_vec(dev).unwrap()
 }
 
-fn prefill_matches<R: BackendRuntime>(dev: &Device<R>) {
-    let config = config();
-    let model = load(dev, &config);
-    let tokens: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % 61).collect();
-    let want = full_logits(dev, &model, &tokens);
-    // Prompt of 7 in one pass, then 4 single tokens: every row equals the full forward's.
-    let mut cache = KvCache::new(dev, &model, 1, 16).unwrap();
+/// Logits of `tokens` decoded through a KV cache: the first `prompt` in one pass, then one
+/// token at a time; one row of V per position, and the cache (16 positions) they filled.
+fn decode_logits<R: BackendRuntime>(
+    dev: &Device<R>,
+    model: &Llama<R, f32>,
+    tokens: &[u32],
+    prompt: usize,
+) -> (Vec<f64>, KvCache<R, f32>) {
+    let mut cache = KvCache::new(dev, model, 1, 16).unwrap();
     let mut got = model
-        .decode(dev, &mut cache, &model.token_ids(dev, &tokens[..7], 1, 7).unwrap())
+        .decode(dev, &mut cache, &model.token_ids(dev, &tokens[..prompt], 1, prompt).unwrap())
         .unwrap()
         .to_f64_vec(dev)
         .unwrap();
-    for &t in &tokens[7..] {
+    for &t in &tokens[prompt..] {
         got.extend(
             model
                 .decode(dev, &mut cache, &model.token_ids(dev, &[t], 1, 1).unwrap())
@@ -83,6 +85,16 @@ fn prefill_matches<R: BackendRuntime>(dev: &Device<R>) {
                 .unwrap(),
         );
     }
+    (got, cache)
+}
+
+fn prefill_matches<R: BackendRuntime>(dev: &Device<R>) {
+    let config = config();
+    let model = load(dev, &config);
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % 61).collect();
+    let want = full_logits(dev, &model, &tokens);
+    // Prompt of 7 in one pass, then 4 single tokens: every row equals the full forward's.
+    let (got, mut cache) = decode_logits(dev, &model, &tokens, 7);
     let magnitude = normwise(&want);
     check_close_scaled(
         "decode logits",
@@ -214,21 +226,7 @@ fn linear_scaling_everywhere<R: BackendRuntime>(dev: &Device<R>) {
     let apart = want.iter().zip(&unscaled).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(apart > 1e-2, "scaling changed the logits by at most {apart:e}");
 
-    let mut cache = KvCache::new(dev, &model, 1, 16).unwrap();
-    let mut got = model
-        .decode(dev, &mut cache, &model.token_ids(dev, &tokens[..6], 1, 6).unwrap())
-        .unwrap()
-        .to_f64_vec(dev)
-        .unwrap();
-    for &t in &tokens[6..] {
-        got.extend(
-            model
-                .decode(dev, &mut cache, &model.token_ids(dev, &[t], 1, 1).unwrap())
-                .unwrap()
-                .to_f64_vec(dev)
-                .unwrap(),
-        );
-    }
+    let (got, _) = decode_logits(dev, &model, &tokens, 6);
     check_close_scaled("scaled decode vs forward", &got, &logits, &normwise(&logits), &[11, 61], tol)
         .unwrap();
 }

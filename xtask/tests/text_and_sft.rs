@@ -145,23 +145,10 @@ fn bad_sft_and_train_input_is_refused_before_training() {
     );
     // A fresh preset is sized to the tokenizer instead, and says so.
     let sized = dir.join("sized");
-    let out = xtask(&[
-        "train",
-        "--preset",
-        "tiny",
-        "--data",
-        path(&text),
-        "--tokenizer",
-        path(&tokenizer),
-        "--steps",
-        "1",
-        "--batch",
-        "1",
-        "--seq-len",
-        "16",
-        "--out",
-        path(&sized),
-    ]);
+    let fresh = ["train", "--preset", "tiny", "--data", path(&text), "--tokenizer", path(&tokenizer)];
+    let mut args = fresh.to_vec();
+    args.extend(["--steps", "1", "--batch", "1", "--seq-len", "16", "--out", path(&sized)]);
+    let out = xtask(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("vocabulary: 600 tokens, sized to the tokenizer"), "{stderr}");
@@ -170,17 +157,7 @@ fn bad_sft_and_train_input_is_refused_before_training() {
     assert_eq!(config["vocab_size"], 600);
     // --vocab-size pads a preset's vocabulary past the tokenizer's, never below it.
     fails(
-        &[
-            "train",
-            "--preset",
-            "tiny",
-            "--data",
-            path(&text),
-            "--tokenizer",
-            path(&tokenizer),
-            "--vocab-size",
-            "599",
-        ],
+        &[fresh.as_slice(), &["--vocab-size", "599"]].concat(),
         &["--vocab-size 599 is smaller than the tokenizer's 600 tokens"],
     );
     std::fs::remove_dir_all(dir).unwrap();
