@@ -6,6 +6,7 @@
 //! - [`GpuTensor`]: a typed, contiguous device tensor with upload, download, zeros and copy.
 //! - [`reduce`]: cube-wide `#[cube]` reductions (sum, max) that row kernels share.
 //! - [`math`]: pointwise `#[cube]` helpers (sigmoid, SiLU).
+//! - [`rounding`]: stochastic rounding onto f16/bf16 and its counter-based random stream.
 //! - [`launch`]: launch-geometry helpers shared by the kernel launchers.
 //!
 //! ## Tensor layout (fixed here, used everywhere)
@@ -32,6 +33,7 @@ pub mod launch;
 pub mod math;
 mod memory;
 pub mod reduce;
+pub mod rounding;
 pub mod tensor;
 
 pub use backend::{Backend, BackendRuntime, Device, DeviceInfo, OnDevice, on_device};

@@ -31,6 +31,8 @@ pub struct Targets<R: Runtime> {
     counted: usize,
     /// What the summed loss is divided by: `counted` unless [`Targets::with_denominator`] set it.
     denominator: usize,
+    /// What the gradient (not the loss) is multiplied by: 1 unless [`Targets::with_loss_scale`].
+    loss_scale: f32,
     vocab_size: usize,
 }
 
@@ -55,6 +57,7 @@ impl<R: Runtime> Targets<R> {
             targets: GpuTensor::from_slice(device, targets, &[targets.len()])?,
             counted,
             denominator: counted,
+            loss_scale: 1.0,
             vocab_size,
         })
     }
@@ -65,6 +68,14 @@ impl<R: Runtime> Targets<R> {
     /// fall across micro-batches (SFT masks a different number in each).
     pub fn with_denominator(mut self, denominator: usize) -> Self {
         self.denominator = denominator;
+        self
+    }
+
+    /// Multiplies `dlogits` (so every gradient after it) by `scale`, leaving the loss as it is:
+    /// f16 loss scaling (torch's `GradScaler`), which keeps small gradients above f16's
+    /// underflow. The optimizer divides it out before clipping.
+    pub fn with_loss_scale(mut self, scale: f32) -> Self {
+        self.loss_scale = scale;
         self
     }
 
@@ -229,6 +240,8 @@ fn launch<R: Runtime, F: FloatElement>(
     cfg: CrossEntropyConfig,
 ) -> Result<()> {
     let scale = if targets.denominator == 0 { 0.0 } else { 1.0 / targets.denominator as f32 };
+    // 1/denominator, then the loss scale: with scale 1 exactly the unscaled gradient.
+    let grad_scale = scale * targets.loss_scale;
     if rows > 0 && vocab > 0 {
         // SAFETY: rows are guarded by `row < rows`, columns by `c < V/vec` (vec divides V);
         // the target read is at t < V (validated on upload, ignored rows skip it); dlogits is
@@ -245,7 +258,7 @@ fn launch<R: Runtime, F: FloatElement>(
                 targets.targets.as_array_arg(),
                 rows as u32,
                 vocab as u32,
-                scale,
+                grad_scale,
                 cfg,
             );
         }

@@ -113,8 +113,8 @@ fn embedding_forward_kernel<F: Float, N: Size>(
 
 /// One cube per distinct token: `dweight[token] += Σ dout[positions of token]`, in order.
 #[cube(launch_unchecked)]
-fn embedding_backward_kernel<F: Float, N: Size>(
-    dweight: &mut Array<Vector<F, N>>,
+fn embedding_backward_kernel<F: Float, G: Float, N: Size>(
+    dweight: &mut Array<Vector<G, N>>,
     dout: &Array<Vector<F, N>>,
     unique: &Array<u32>,
     offsets: &Array<u32>,
@@ -201,22 +201,24 @@ pub fn embedding_forward<R: Runtime, F: FloatElement>(
     Ok(())
 }
 
-/// `dweight[v] += Σ_{n: ids[n] = v} dout[n]`.
-pub fn embedding_backward<R: Runtime, F: FloatElement>(
+/// `dweight[v] += Σ_{n: ids[n] = v} dout[n]`. `dweight` may be f32 while `dout` is f16/bf16
+/// (f32 gradients); each sum is f32 either way.
+pub fn embedding_backward<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
-    dweight: &mut GpuTensor<R, F>,
+    dweight: &mut GpuTensor<R, G>,
     dout: &GpuTensor<R, F>,
     ids: &TokenIds<R>,
 ) -> Result<()> {
     const OP: &str = "embedding_backward";
     device.check_dtype::<F>(OP)?;
+    device.check_dtype::<G>(OP)?;
     let (_, hidden) = check_weight(OP, "dweight", dweight, ids)?;
     let expected: Vec<usize> = ids.shape.iter().copied().chain([hidden]).collect();
     Error::check_shape(OP, "dout", dout.shape(), &expected)?;
     if ids.unique_count == 0 || hidden == 0 {
         return Ok(());
     }
-    let vec = device.vector_size::<F>(hidden);
+    let vec = device.vector_size::<F>(hidden).min(device.vector_size::<G>(hidden));
     let units = cube_units(device, ((hidden / vec).next_power_of_two() as u32).clamp(32, 256));
     let cubes = device.grid_cubes(ids.unique_count);
     if let Some(cap) = device.info().max_loop_iterations {
@@ -238,7 +240,7 @@ pub fn embedding_backward<R: Runtime, F: FloatElement>(
     // SAFETY: u < U bounds unique/offsets; offsets hold positions indices < N; c < C/vec;
     // tokens are < V (validated on upload), so every index is inside its tensor.
     unsafe {
-        embedding_backward_kernel::launch_unchecked::<F, R>(
+        embedding_backward_kernel::launch_unchecked::<F, G, R>(
             device.client(),
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_1d(units),

@@ -5,6 +5,12 @@
 //! `sqrt(Σ_tensors Σ g²)` and `clip_scale` `[1]` f32 = `min(1, max_norm / (norm + 1e-6))`, which
 //! [`crate::adamw::adamw_step`] reads on the device. Both overwritten (`=`).
 //!
+//! Under loss scaling the gradients hold `S·g`: [`grad_norm_unscaled`] takes `unscale = 1/S`
+//! and reports the true norm `unscale · ‖S·g‖` and `clip_scale = unscale · min(1, max_norm /
+//! (norm + 1e-6))`, so AdamW unscales and clips in one multiply (torch's `GradScaler.unscale_`
+//! then `clip_grad_norm_`, without a pass over the gradients). A non-finite gradient makes the
+//! norm inf or NaN, which is how the trainer detects overflow.
+//!
 //! Deterministic: each tensor is split over a fixed number of cubes (a function of its size
 //! only), each cube writes one partial sum of squares to its own slot of `scratch`, and one
 //! cube sums the slots in a fixed order. f32 accumulation, tree-combined.
@@ -55,6 +61,7 @@ fn norm_and_scale_kernel(
     partials: &Array<f32>,
     slots: u32,
     max_norm: f32,
+    unscale: f32,
     #[comptime] cfg: CubeReduce,
 ) {
     let mut acc = f32::new(0.0);
@@ -63,10 +70,10 @@ fn norm_and_scale_kernel(
         acc += partials[i];
         i += CUBE_DIM as usize;
     }
-    let total = f32::sqrt(cube_sum(acc, cfg));
+    let total = f32::sqrt(cube_sum(acc, cfg)) * unscale;
     if UNIT_POS == 0 {
         norm[0] = total;
-        clip_scale[0] = f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
+        clip_scale[0] = unscale * f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
     }
 }
 
@@ -80,7 +87,29 @@ pub fn grad_norm<R: Runtime, F: FloatElement>(
     grads: &[&GpuTensor<R, F>],
     max_norm: f32,
 ) -> Result<()> {
+    grad_norm_unscaled(device, norm, clip_scale, scratch, grads, max_norm, 1.0)
+}
+
+/// [`grad_norm`] of gradients scaled by `1/unscale` (the loss scale): `norm = unscale ·
+/// ‖grads‖₂`, `clip_scale = unscale · min(1, max_norm / (norm + 1e-6))`. `unscale = 1` is
+/// [`grad_norm`] bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_norm_unscaled<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    norm: &mut GpuTensor<R, f32>,
+    clip_scale: &mut GpuTensor<R, f32>,
+    scratch: &mut GpuTensor<R, f32>,
+    grads: &[&GpuTensor<R, F>],
+    max_norm: f32,
+    unscale: f32,
+) -> Result<()> {
     const OP: &str = "grad_norm";
+    if !(unscale.is_finite() && unscale > 0.0) {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("unscale must be positive, got {unscale}"),
+        });
+    }
     device.check_dtype::<F>(OP)?;
     Error::check_shape(OP, "norm", norm.shape(), &[1])?;
     Error::check_shape(OP, "clip_scale", clip_scale.shape(), &[1])?;
@@ -136,6 +165,7 @@ pub fn grad_norm<R: Runtime, F: FloatElement>(
             scratch.as_array_arg(),
             slot as u32,
             max_norm,
+            unscale,
             cfg,
         );
     }

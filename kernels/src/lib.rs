@@ -19,6 +19,7 @@ pub mod reference;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rounding;
 pub mod swiglu;
 
 pub use dsl::{Error, Result};

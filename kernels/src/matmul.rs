@@ -98,7 +98,7 @@ pub fn linear_forward<R: Runtime, F: FloatElement>(
     if y.numel() == 0 {
         return Ok(MatmulRoutine::Units);
     }
-    gemm::<R, F>(device, OP, Operand::rows(x), Operand::transposed(w), Operand::rows(y), false)
+    gemm::<R, F, F>(device, OP, Operand::rows(x), Operand::transposed(w), Operand::rows(y), false)
 }
 
 /// `dx = dy·w`, or `dx += dy·w` when `accumulate`: `dy` `[…, out]`, `w` `[out, in]`.
@@ -125,25 +125,34 @@ pub fn linear_backward_input<R: Runtime, F: FloatElement>(
         }
         return Ok(MatmulRoutine::Units);
     }
-    gemm::<R, F>(device, OP, Operand::rows(dy), Operand::rows(w), Operand::rows(dx), accumulate)
+    gemm::<R, F, F>(device, OP, Operand::rows(dy), Operand::rows(w), Operand::rows(dx), accumulate)
 }
 
 /// `dw += dyᵀ·x`: `dy` `[…, out]`, `x` `[…, in]` with the same leading shape, `dw` `[out, in]`.
-pub fn linear_backward_weight<R: Runtime, F: FloatElement>(
+/// `dw` may be f32 while `dy` and `x` are f16/bf16 (`G` ≠ `F`): the product accumulates in f32
+/// and is added to the f32 `dw` without rounding to the narrow type, so gradients summed over
+/// micro-batches are rounded once, not once per micro-batch (Megatron's `main_grad`).
+pub fn linear_backward_weight<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
-    dw: &mut GpuTensor<R, F>,
+    dw: &mut GpuTensor<R, G>,
     dy: &GpuTensor<R, F>,
     x: &GpuTensor<R, F>,
 ) -> Result<MatmulRoutine> {
     const OP: &str = "linear_backward_weight";
     check_linear(OP, x, dw, dy.shape(), "dy")?;
+    if G::DTYPE != F::DTYPE && G::DTYPE != DType::F32 {
+        return Err(Error::Unsupported {
+            op: OP,
+            message: format!("dw must be {} (as the inputs) or f32, got {}", F::DTYPE, G::DTYPE),
+        });
+    }
     if dw.numel() == 0 || x.rows() == 0 {
         return Ok(MatmulRoutine::Units);
     }
-    gemm::<R, F>(device, OP, Operand::transposed(dy), Operand::rows(x), Operand::rows(dw), true)
+    gemm::<R, F, G>(device, OP, Operand::transposed(dy), Operand::rows(x), Operand::rows(dw), true)
 }
 
-fn weight_dims<R: Runtime, F: FloatElement>(op: &'static str, w: &GpuTensor<R, F>) -> Result<(usize, usize)> {
+fn weight_dims<R: Runtime, W: FloatElement>(op: &'static str, w: &GpuTensor<R, W>) -> Result<(usize, usize)> {
     match *w.shape() {
         [out_features, in_features] => Ok((out_features, in_features)),
         ref other => Err(Error::InvalidArgument {
@@ -154,10 +163,10 @@ fn weight_dims<R: Runtime, F: FloatElement>(op: &'static str, w: &GpuTensor<R, F
 }
 
 /// Checks `x` `[…, in]` against `w` `[out, in]` and that `y` is `[…, out]`.
-fn check_linear<R: Runtime, F: FloatElement>(
+fn check_linear<R: Runtime, F: FloatElement, W: FloatElement>(
     op: &'static str,
     x: &GpuTensor<R, F>,
-    w: &GpuTensor<R, F>,
+    w: &GpuTensor<R, W>,
     y_shape: &[usize],
     y_name: &'static str,
 ) -> Result<()> {
@@ -171,8 +180,9 @@ fn check_linear<R: Runtime, F: FloatElement>(
     Error::check_shape(op, y_name, y_shape, &expected)
 }
 
-/// `out = lhs·rhs (+ out)`, trying tensor cores first where the device may have them.
-fn gemm<R: Runtime, F: FloatElement>(
+/// `out = lhs·rhs (+ out)` with `F` inputs and a `G` output, trying tensor cores first where the
+/// device may have them.
+fn gemm<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
     op: &'static str,
     lhs: Operand<'_>,
@@ -181,9 +191,11 @@ fn gemm<R: Runtime, F: FloatElement>(
     accumulate: bool,
 ) -> Result<MatmulRoutine> {
     device.check_dtype::<F>(op)?;
+    device.check_dtype::<G>(op)?;
     let dtype = F::as_type_native_unchecked().storage_type();
+    let out_dtype = G::as_type_native_unchecked().storage_type();
     // f16/bf16 inputs accumulate in f32 inside the kernel.
-    let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype, rhs: dtype, out: dtype });
+    let dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: dtype, rhs: dtype, out: out_dtype });
     // Tensor cores only for half types: for f32 they would round inputs to tf32.
     if device.backend() == Backend::Cuda && F::DTYPE != DType::F32 {
         let fitted = |problem: &MatmulProblem, settings: &DeviceSettings<R>| {

@@ -6,7 +6,8 @@
 //! Forward: `rstd = 1 / sqrt(mean_c(x²) + eps)`, `out = x · rstd · weight`. Saves `rstd`.
 //! Backward, with `g = dout · weight`:
 //! `dx = rstd · g − x · rstd³ · mean_c(g · x)`  (overwritten, `=`)
-//! `dweight += Σ_rows dout · x · rstd`           (accumulated, `+=`)
+//! `dweight += Σ_rows dout · x · rstd`           (accumulated, `+=`; `dweight` may be f32 while
+//!                                              the rest is f16/bf16, for f32 gradients)
 //!
 //! Numerics: whatever the storage type, each element is widened to f32 on load and every sum
 //! is f32; results are rounded to the storage type once, on store. (Hugging Face rounds
@@ -275,10 +276,10 @@ pub fn rmsnorm_backward_scratch_rows<R: Runtime>(device: &Device<R>, rows: usize
 
 /// RMSNorm backward: `dx =`, `dweight +=`. `scratch` is an f32 `[G, C]` buffer (any `G ≥ 1`,
 /// see [`rmsnorm_backward_scratch_rows`]); its contents are overwritten.
-pub fn rmsnorm_backward<R: Runtime, F: FloatElement>(
+pub fn rmsnorm_backward<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
     dx: &mut GpuTensor<R, F>,
-    dweight: &mut GpuTensor<R, F>,
+    dweight: &mut GpuTensor<R, G>,
     scratch: &mut GpuTensor<R, f32>,
     dout: &GpuTensor<R, F>,
     x: &GpuTensor<R, F>,
@@ -290,10 +291,10 @@ pub fn rmsnorm_backward<R: Runtime, F: FloatElement>(
 }
 
 /// RMSNorm backward with an explicit configuration.
-pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement>(
+pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
     dx: &mut GpuTensor<R, F>,
-    dweight: &mut GpuTensor<R, F>,
+    dweight: &mut GpuTensor<R, G>,
     scratch: &mut GpuTensor<R, f32>,
     dout: &GpuTensor<R, F>,
     x: &GpuTensor<R, F>,
@@ -303,6 +304,7 @@ pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement>(
 ) -> Result<()> {
     const OP: &str = "rmsnorm_backward";
     device.check_dtype::<F>(OP)?;
+    device.check_dtype::<G>(OP)?;
     let (rows, cols) = check_row_shapes(OP, x, weight, rstd)?;
     Error::check_shape(OP, "dout", dout.shape(), x.shape())?;
     Error::check_shape(OP, "dx", dx.shape(), x.shape())?;
@@ -344,7 +346,7 @@ pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement>(
     let units = dsl::ELEMENTWISE_UNITS;
     // SAFETY: `c < cols / N` guards dweight; partial reads stay below `cubes · cols / N`.
     unsafe {
-        dweight_finalize_kernel::launch_unchecked::<F, R>(
+        dweight_finalize_kernel::launch_unchecked::<G, R>(
             device.client(),
             CubeCount::Static(row_vectors.div_ceil(units as usize) as u32, 1, 1),
             CubeDim::new_1d(units),

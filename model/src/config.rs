@@ -424,16 +424,24 @@ impl LlamaConfig {
         6.0 * (layer_matrices + vc) as f64 + attention as f64
     }
 
-    /// Bytes a training step at `batch × seq` holds on the device with parameters of
-    /// `param_bytes` each: parameters, gradients, AdamW's two f32 moments, and the saved
-    /// activations and scratch of [`crate::Activations`].
-    pub fn training_memory(&self, batch: usize, seq: usize, param_bytes: usize) -> MemoryEstimate {
+    /// Bytes a training step at `batch × seq` holds on the device when computing in a type of
+    /// `compute_bytes` per element: the parameters, the f32 master copy (`master`), the weight
+    /// gradients (always f32), AdamW's two f32 moments, and the saved activations and scratch of
+    /// [`crate::Activations`].
+    pub fn training_memory(
+        &self,
+        batch: usize,
+        seq: usize,
+        compute_bytes: usize,
+        master: bool,
+    ) -> MemoryEstimate {
         let params = self.parameter_count();
         MemoryEstimate {
-            parameters: params * param_bytes,
-            gradients: params * param_bytes,
+            parameters: params * compute_bytes,
+            master: if master { params * 4 } else { 0 },
+            gradients: params * 4,
             optimizer: params * 8,
-            activations: crate::activations::activation_bytes(self, batch, seq, param_bytes),
+            activations: crate::activations::activation_bytes(self, batch, seq, compute_bytes),
         }
     }
 }
@@ -502,18 +510,40 @@ impl ParamSpec {
     }
 }
 
-/// Device memory of a training step, by purpose.
+/// Device memory of a training step, by purpose, in bytes.
 #[derive(Clone, Copy, Debug)]
 pub struct MemoryEstimate {
+    /// The parameters the model computes with.
     pub parameters: usize,
+    /// The f32 master copy AdamW updates (0 without one).
+    pub master: usize,
+    /// The f32 weight gradients.
     pub gradients: usize,
+    /// AdamW's f32 `m` and `v`.
     pub optimizer: usize,
     pub activations: usize,
 }
 
 impl MemoryEstimate {
     pub fn total(&self) -> usize {
-        self.parameters + self.gradients + self.optimizer + self.activations
+        self.parameters + self.master + self.gradients + self.optimizer + self.activations
+    }
+
+    /// `1.2 GiB (parameters bf16 …, f32 master …, f32 gradients …, AdamW …, activations …)`.
+    pub fn describe(&self, compute: impl fmt::Display) -> String {
+        let master = if self.master > 0 {
+            format!(", f32 master {}", human_bytes(self.master))
+        } else {
+            String::new()
+        };
+        format!(
+            "{} (parameters {compute} {}{master}, f32 gradients {}, AdamW {}, activations {})",
+            human_bytes(self.total()),
+            human_bytes(self.parameters),
+            human_bytes(self.gradients),
+            human_bytes(self.optimizer),
+            human_bytes(self.activations),
+        )
     }
 }
 
@@ -564,19 +594,14 @@ impl fmt::Display for LlamaConfig {
             if self.tie_word_embeddings { ", tied embeddings" } else { "" },
         )?;
         writeln!(f, "parameters: {} ({})", human_count(self.parameter_count()), self.parameter_count())?;
-        for (dtype, bytes) in [("f32", 4), ("bf16", 2)] {
-            let m = self.training_memory(1, self.max_position_embeddings, bytes);
-            writeln!(
-                f,
-                "training step, batch 1 × {} tokens, {dtype}: {} (parameters {}, gradients {}, AdamW {}, \
-                 activations {})",
-                self.max_position_embeddings,
-                human_bytes(m.total()),
-                human_bytes(m.parameters),
-                human_bytes(m.gradients),
-                human_bytes(m.optimizer),
-                human_bytes(m.activations),
-            )?;
+        let context = self.max_position_embeddings;
+        for (label, dtype, bytes, master) in [
+            ("f32", "f32", 4, false),
+            ("bf16, f32 master weights (--master-weights f32)", "bf16", 2, true),
+            ("bf16, no master (--master-weights none)", "bf16", 2, false),
+        ] {
+            let m = self.training_memory(1, context, bytes, master);
+            writeln!(f, "training step, batch 1 × {context} tokens, {label}: {}", m.describe(dtype))?;
         }
         Ok(())
     }

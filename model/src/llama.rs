@@ -191,13 +191,15 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
     }
 
     /// Adds the gradient of the loss of the last [`Self::loss`] (with `with_grad`) into
-    /// `grads`. `ids` must be those of the forward.
-    pub fn backward(
+    /// `grads`. `ids` must be those of the forward. `grads` may be f32 under f16/bf16 compute
+    /// (`G` ≠ `F`): every weight gradient is then summed and stored in f32 (activation
+    /// gradients stay in `F`).
+    pub fn backward<G: FloatElement>(
         &self,
         device: &Device<R>,
         acts: &mut Activations<R, F>,
         ids: &TokenIds<R>,
-        grads: &mut Params<R, F>,
+        grads: &mut Params<R, G>,
     ) -> Result<()> {
         self.check_batch(acts, ids)?;
         let p = &self.params;

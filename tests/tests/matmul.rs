@@ -127,6 +127,60 @@ fn large_accumulating_products<R: BackendRuntime, F: TestFloat>(dev: &Device<R>)
 
 test_each_dtype!(large_accumulating_products => linear_f32_large_accumulation, linear_f16_large_accumulation, linear_bf16_large_accumulation_or_is_refused);
 
+/// `dw += dyᵀ·x` into an f32 `dw` from f16/bf16 inputs (the trainer's f32 weight gradients):
+/// against the f64 product with the f32 tolerance, onto starting values whose low bits an
+/// f16/bf16 store would lose, so a result rounded to the narrow type anywhere fails.
+fn check_f32_weight_gradient<R: BackendRuntime, F: TestFloat>(
+    dev: &Device<R>,
+    (n, din, dout, seed): (usize, usize, usize, u64),
+) -> Result<(), TestCaseError> {
+    let mut rng = DataRng::new(seed);
+    let x = F::round_all(&rng.normals(n * din, 0.0, 1.0));
+    let dy = F::round_all(&rng.normals(n * dout, 0.0, 1.0));
+    let dw0 = f32::round_all(&rng.normals(dout * din, 0.0, 1.0));
+    let mut want = dw0.clone();
+    reference::linear_backward_weight(&mut want, &dy, &x, n, din, dout);
+    let magnitude = term_magnitudes(dout, n, din, |o, r| dy[r * dout + o], |r, c| x[r * din + c]);
+    let with_start: Vec<f64> = magnitude.iter().zip(&dw0).map(|(m, s)| m + s.abs()).collect();
+    let (xt, dyt) = (upload::<R, F>(dev, &x, &[n, din])?, upload::<R, F>(dev, &dy, &[n, dout])?);
+    let mut dw = upload::<R, f32>(dev, &dw0, &[dout, din])?;
+    linear_backward_weight(dev, &mut dw, &dyt, &xt).map_err(fail)?;
+    let what = format!("f32 dw += dyᵀ·x from {} [n={n} in={din} out={dout}]", F::DTYPE);
+    check_close_scaled(
+        &what,
+        &download(dev, &dw)?,
+        &want,
+        &with_start,
+        &[dout, din],
+        Tolerance::for_dtype(DType::F32),
+    )
+    .map_err(TestCaseError::fail)
+}
+
+fn f32_weight_gradients<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    // The shapes whose accumulating stages need shrinking, then the awkward ones.
+    for (n, din, dout) in [(512, 64, 64), (1024, 64, 256)] {
+        check_f32_weight_gradient::<R, F>(dev, (n, din, dout, 3)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    run_property(&format!("f32 weight gradient from {}", F::DTYPE), 6, shapes(), |case| {
+        check_f32_weight_gradient::<R, F>(dev, case)
+    });
+}
+
+#[test]
+fn linear_weight_gradient_from_f16_accumulates_in_f32() {
+    on_test_backend!(f32_weight_gradients, half::f16);
+}
+
+/// Runs where the device stores bf16 (CUDA); elsewhere checks the clean refusal.
+#[test]
+fn linear_weight_gradient_from_bf16_accumulates_in_f32_or_is_refused() {
+    on_test_backend!(f32_weight_gradients, half::bf16);
+}
+
 /// Leading dimensions are rows: `[B, T, in]` behaves as `[B·T, in]`.
 fn batched_rows<R: BackendRuntime>(dev: &Device<R>) {
     let (b, t, din, dout) = (2, 5, 7, 3);

@@ -174,7 +174,7 @@ fn loss_and_grads<R: BackendRuntime>(
 ) -> (f32, Vec<Vec<f32>>) {
     let seq = inputs.len();
     let mut acts = Activations::new(dev, &model.config, 1, seq).unwrap();
-    let mut grads = Params::zeros(dev, &model.config).unwrap();
+    let mut grads = Params::<R, f32>::zeros(dev, &model.config).unwrap();
     let ids = model.token_ids(dev, inputs, 1, seq).unwrap();
     let targets = model.targets(dev, targets).unwrap();
     model.forward(dev, &mut acts, &ids).unwrap();

@@ -9,6 +9,7 @@ use tests::*;
 use trainer::corpus;
 use trainer::data::TokenStream;
 use trainer::optimizer::{Optimizer, decays};
+use trainer::precision::WriteRounding;
 use trainer::schedule::Schedule;
 use trainer::train::{TrainData, TrainOptions, Trainer, in_memory_stream, split};
 
@@ -56,7 +57,7 @@ fn clipped_step<R: BackendRuntime>(dev: &Device<R>) {
     let grads = Params::<R, f32>::from_host(dev, &config, &grads_host).unwrap();
     let hp = AdamW::default();
     let clip = 0.5;
-    let mut opt = Optimizer::new(dev, &config.parameters(), hp, clip).unwrap();
+    let mut opt = Optimizer::new(dev, &config.parameters(), hp, clip, WriteRounding::Nearest, 0).unwrap();
     let lr = 1e-3;
     opt.step(dev, &mut params, &grads, lr).unwrap();
     let norm: f64 = grads_host.iter().flatten().map(|&g| (g as f64) * (g as f64)).sum::<f64>().sqrt();

@@ -25,6 +25,11 @@ pub enum TrainError {
          try a lower --lr or a tighter --grad-clip"
     )]
     NonFinite { step: u64, loss: f64 },
+    #[error(
+        "the gradient norm of step {step} is {grad_norm}: stopping (the last checkpoint written, if any, is \
+         intact); try a lower --lr, or f32/bf16 compute (f16 without loss scaling overflows)"
+    )]
+    NonFiniteGradient { step: u64, grad_norm: f64 },
 }
 
 impl From<dsl::Error> for TrainError {

@@ -7,6 +7,8 @@
 //! - [`corpus`]: the built-in corpus of the default run (generated text, byte tokens).
 //! - [`schedule`]: Llama 2's warm-up + cosine learning rate.
 //! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
+//! - [`precision`]: the mixed-precision policy: f32 master weights, stochastic rounding, f16
+//!   loss scaling.
 //! - [`sft`]: supervised fine-tuning data: JSON Lines, encoding, packing with answer-only targets.
 //! - [`tokenizer`]: `tokenizer.json` files, BPE training, the byte tokenizer.
 //! - [`train`]: the training loop, checkpoints and bit-identical resume.
@@ -19,6 +21,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod optimizer;
+pub mod precision;
 pub mod schedule;
 pub mod sft;
 pub mod source;

@@ -12,21 +12,25 @@
 //!   loss before its update; the gradient norm is the global L2 norm before clipping.
 //!
 //! A run directory holds the model in the Hugging Face layout plus `optimizer.safetensors`
-//! (AdamW's `m` and `v` per parameter) and `trainer_state.json` (step, data position, options),
-//! all written together through [`model::checkpoint::save_with`].
+//! (AdamW's `m` and `v` per parameter) and `trainer_state.json` (step, data position, options,
+//! loss scale), all written together through [`model::checkpoint::save_with`]. The model files
+//! hold the exact weights (the f32 master when one is kept) unless [`Trainer::save_dtype`] asks
+//! for a narrower type; then `optimizer.safetensors` also holds the exact weights as `master.*`,
+//! so `--resume` stays bit-exact.
 
 use crate::data::{DetectedFormat, TokenStream};
 use crate::error::{Result, TrainError};
 use crate::optimizer::Optimizer;
+use crate::precision::{LossScaler, PrecisionOptions};
 use crate::schedule::Schedule;
 use crate::sft::{Encoded, Packing, SftBatches, SftOptions};
 use crate::source::{DataSource, HeldOut};
 use crate::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 use cubecl::Runtime;
-use dsl::{Device, FloatElement};
+use dsl::{DType, Device, FloatElement};
 use kernels::adamw::AdamW;
 use kernels::cross_entropy::IGNORE_INDEX;
-use model::checkpoint::{self, SaveOptions};
+use model::checkpoint::{self, SaveOptions, StoredDType};
 use model::{Activations, Llama, ModelError, Params};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -57,6 +61,10 @@ pub struct TrainOptions {
     pub val_fraction: f64,
     /// Batches of the held-out slice scored per evaluation.
     pub val_batches: usize,
+    /// Master weights, rounding and loss scaling (see [`crate::precision`]). Absent in
+    /// checkpoints written before 2026-11-30 (which kept no master).
+    #[serde(default)]
+    pub precision: PrecisionOptions,
 }
 
 impl Default for TrainOptions {
@@ -78,6 +86,7 @@ impl Default for TrainOptions {
             seed: 0,
             val_fraction: 0.01,
             val_batches: 4,
+            precision: PrecisionOptions::default(),
         }
     }
 }
@@ -107,7 +116,7 @@ impl TrainOptions {
         if self.grad_clip.is_nan() || self.grad_clip <= 0.0 {
             return bad(format!("--grad-clip must be positive, got {}", self.grad_clip));
         }
-        Ok(())
+        self.precision.validate().map_err(TrainError::Options)
     }
 }
 
@@ -134,6 +143,12 @@ pub struct TrainState {
     /// The compute type (`f32`, `f16`, `bf16`).
     #[serde(default)]
     pub dtype: Option<String>,
+    /// AdamW steps taken, when fewer than `step` (steps skipped on a loss-scale overflow).
+    #[serde(default)]
+    pub optimizer_step: Option<u64>,
+    /// The dynamic loss scale, when the run scales its loss.
+    #[serde(default)]
+    pub loss_scale: Option<LossScaler>,
 }
 
 /// A run's validation: the data and the evaluation interval.
@@ -154,6 +169,10 @@ pub struct StepReport {
     pub tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// The update was skipped: the scaled gradients overflowed (the loss scale was halved).
+    pub skipped: bool,
+    /// The loss scale the step's gradients were computed with, when the run scales.
+    pub loss_scale: Option<f64>,
 }
 
 /// The train/validation split of a token stream for a run that evaluates without separate
@@ -222,7 +241,10 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     pub state: TrainState,
     /// Saved as `tokenizer.json` with every checkpoint when set.
     pub tokenizer: Option<TextTokenizer>,
-    grads: Params<R, F>,
+    /// The type the checkpoints' model files hold (default f32: the exact weights).
+    pub save_dtype: StoredDType,
+    /// Weight gradients, summed over micro-batches in f32 whatever `F` is.
+    grads: Params<R, f32>,
     acts: Activations<R, F>,
     optimizer: Optimizer<R>,
     source: Source,
@@ -315,7 +337,13 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             eps: options.eps,
             weight_decay: options.weight_decay,
         };
-        let optimizer = Optimizer::new(device, &specs, hp, options.grad_clip)?;
+        let precision = &options.precision;
+        let mut optimizer =
+            Optimizer::new(device, &specs, hp, options.grad_clip, precision.rounding, options.seed)?;
+        if precision.keeps_master(F::DTYPE) {
+            // The compute copy's own values; [`Self::set_weights`] gives the unrounded ones.
+            optimizer.keep_master(device, &model.params.to_host(device)?)?;
+        }
         let grads = Params::zeros(device, &model.config)?;
         let acts = Activations::new(device, &model.config, options.batch, options.seq_len)?;
         let state = TrainState {
@@ -327,8 +355,33 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             source: None,
             validation: None,
             dtype: Some(F::DTYPE.to_string()),
+            optimizer_step: None,
+            loss_scale: options.precision.loss_scale.as_ref().map(LossScaler::new),
         };
-        Ok(Self { model, options, state, tokenizer: None, grads, acts, optimizer, source })
+        let save_dtype = StoredDType::F32;
+        Ok(Self { model, options, state, tokenizer: None, save_dtype, grads, acts, optimizer, source })
+    }
+
+    /// Sets the weights to `values` (f32, spec order): the f32 master copy, when one is kept,
+    /// holds them exactly, and the model computes with them rounded to `F`. Use it when the
+    /// starting weights are finer than `F` (an f32 checkpoint or initialisation trained in
+    /// bf16), so the master does not start rounded.
+    pub fn set_weights(&mut self, device: &Device<R>, values: &[Vec<f32>]) -> Result<()> {
+        self.model.params = Params::from_host(device, &self.model.config, values)?;
+        if self.optimizer.has_master() {
+            self.optimizer.keep_master(device, values)?;
+        }
+        Ok(())
+    }
+
+    /// The optimizer (moments, master weights, step count), for inspection.
+    pub fn optimizer(&self) -> &Optimizer<R> {
+        &self.optimizer
+    }
+
+    /// Whether AdamW keeps an f32 master copy of the weights.
+    pub fn has_master_weights(&self) -> bool {
+        self.optimizer.has_master()
     }
 
     /// Continues the run saved in `dir` on `data` (which must be the same data), optionally
@@ -343,11 +396,16 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         if let Some(steps) = steps {
             state.options.steps = steps;
         }
-        let model = Llama::<R, F>::load(device, dir)?;
+        let checkpoint = checkpoint::load(dir)?;
+        let saved = read_optimizer_file(&dir.join(OPTIMIZER_FILE), &checkpoint.config.parameters())?;
+        // The exact weights: `master.*` when the model files were saved narrower.
+        let weights = saved.master.unwrap_or(checkpoint.tensors);
+        let params = Params::from_host(device, &checkpoint.config, &weights)?;
+        let model = Llama::<R, F>::new(device, checkpoint.config, params)?;
         let mut trainer = Self::new(device, model, state.options.clone(), data)?;
-        trainer.optimizer.step = state.step;
-        let moments = read_moments(&dir.join(OPTIMIZER_FILE), trainer.model.params.specs())?;
-        trainer.optimizer.load_moments(device, &moments)?;
+        trainer.set_weights(device, &weights)?;
+        trainer.optimizer.step = state.optimizer_step.unwrap_or(state.step);
+        trainer.optimizer.load_moments(device, &saved.moments)?;
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         if tokenizer_path.exists() {
             trainer.tokenizer = Some(TextTokenizer::load(&tokenizer_path)?);
@@ -408,9 +466,14 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let counted: usize =
             batches.iter().map(|(_, targets)| targets.iter().filter(|&&x| x != IGNORE_INDEX).count()).sum();
         let mut loss = 0.0f64;
+        let loss_scale = match (with_grad, self.state.loss_scale) {
+            (true, Some(scaler)) => scaler.scale as f32,
+            _ => 1.0,
+        };
         for (inputs, targets) in batches {
             let ids = self.model.token_ids(device, inputs, b, t)?;
-            let targets = self.model.targets(device, targets)?.with_denominator(counted);
+            let targets =
+                self.model.targets(device, targets)?.with_denominator(counted).with_loss_scale(loss_scale);
             self.model.forward(device, &mut self.acts, &ids)?;
             self.model.loss(device, &mut self.acts, &targets, with_grad)?;
             if with_grad {
@@ -421,19 +484,32 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         Ok(loss)
     }
 
-    /// One optimizer step: `grad_accum` micro-batches forward and backward, clip, AdamW.
+    /// One optimizer step: `grad_accum` micro-batches forward and backward, clip, AdamW. Under
+    /// loss scaling a step whose gradients overflowed changes no weight or moment (it is
+    /// reported `skipped` and the scale backs off); without it a non-finite gradient norm stops
+    /// the run.
     pub fn step(&mut self, device: &Device<R>) -> Result<StepReport> {
         let start = Instant::now();
         self.grads.zero(device)?;
         let batches = self.next_micro_batches()?;
+        let loss_scale = self.state.loss_scale.map(|s| s.scale);
         let loss = self.run_batches(device, &batches, true)?;
         let step = self.state.step;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { step, loss });
         }
         let lr = self.options.schedule().lr(step);
-        self.optimizer.step(device, &mut self.model.params, &self.grads, lr)?;
+        let unscale = loss_scale.map_or(1.0, |s| (1.0 / s) as f32);
+        self.optimizer.clip(device, &self.grads, unscale)?;
         let grad_norm = self.optimizer.last_grad_norm(device)? as f64;
+        let apply = match (&mut self.state.loss_scale, &self.options.precision.loss_scale) {
+            (Some(scaler), Some(options)) => scaler.update(options, grad_norm.is_finite()),
+            _ if !grad_norm.is_finite() => return Err(TrainError::NonFiniteGradient { step, grad_norm }),
+            _ => true,
+        };
+        if apply {
+            self.optimizer.apply(device, &mut self.model.params, &self.grads, lr)?;
+        }
         self.state.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let tokens = self.options.batch * self.options.seq_len * batches.len();
@@ -445,6 +521,8 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             tokens,
             seconds,
             tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            skipped: !apply,
+            loss_scale,
         })
     }
 
@@ -475,15 +553,33 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         }
     }
 
+    /// The exact weights on the host (f32, spec order): the master copy when one is kept, else
+    /// the parameters.
+    pub fn weights_to_host(&self, device: &Device<R>) -> Result<Vec<Vec<f32>>> {
+        match self.optimizer.master_to_host(device)? {
+            Some(master) => Ok(master),
+            None => Ok(self.model.params.to_host(device)?),
+        }
+    }
+
     /// Writes the model, optimizer state and trainer state to `dir` (atomically, as one).
     pub fn save(&self, device: &Device<R>, dir: &Path) -> Result<()> {
-        let params = self.model.params.to_host(device)?;
+        let params = self.weights_to_host(device)?;
         let moments = self.optimizer.moments_to_host(device)?;
         let specs = self.model.params.specs();
-        let state = serde_json::to_string_pretty(&self.state).expect("state serialises");
+        let mut state = self.state.clone();
+        state.optimizer_step = (self.optimizer.step != state.step).then_some(self.optimizer.step);
+        let state = serde_json::to_string_pretty(&state).expect("state serialises");
         let tokenizer = self.tokenizer.as_ref().map(TextTokenizer::to_json).transpose()?;
+        // Model files narrower than the weights lose bits: keep the exact ones for --resume.
+        let exact = match self.save_dtype {
+            StoredDType::F32 => true,
+            StoredDType::F16 => F::DTYPE == DType::F16 && !self.optimizer.has_master(),
+            StoredDType::BF16 => F::DTYPE == DType::BF16 && !self.optimizer.has_master(),
+        };
+        let master = (!exact).then_some(&params);
         let extras = |staging: &Path| -> model::Result<()> {
-            write_moments(&staging.join(OPTIMIZER_FILE), specs, &moments)?;
+            write_optimizer_file(&staging.join(OPTIMIZER_FILE), specs, &moments, master)?;
             if let Some(json) = &tokenizer {
                 let path = staging.join(TOKENIZER_FILE);
                 std::fs::write(&path, json).map_err(|e| ModelError::io(&path, e))?;
@@ -491,7 +587,8 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             let path = staging.join(STATE_FILE);
             std::fs::write(&path, &state).map_err(|e| ModelError::io(&path, e))
         };
-        checkpoint::save_with(dir, &self.model.config, &params, SaveOptions::default(), &extras)?;
+        let options = SaveOptions { dtype: self.save_dtype, ..SaveOptions::default() };
+        checkpoint::save_with(dir, &self.model.config, &params, options, &extras)?;
         Ok(())
     }
 
@@ -508,22 +605,30 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 }
 
-fn write_moments(
+/// Writes AdamW's moments as `m.NAME` and `v.NAME`, and the exact weights as `master.NAME` when
+/// given.
+fn write_optimizer_file(
     path: &Path,
     specs: &[model::ParamSpec],
     moments: &[(Vec<f32>, Vec<f32>)],
+    master: Option<&Vec<Vec<f32>>>,
 ) -> model::Result<()> {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = specs
+    let encode = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = specs
         .iter()
         .zip(moments)
         .flat_map(|(spec, (m, v))| {
-            let encode = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
             [
                 (format!("m.{}", spec.name), spec.shape.clone(), encode(m)),
                 (format!("v.{}", spec.name), spec.shape.clone(), encode(v)),
             ]
         })
         .collect();
+    if let Some(master) = master {
+        for (spec, w) in specs.iter().zip(master) {
+            bytes.push((format!("master.{}", spec.name), spec.shape.clone(), encode(w)));
+        }
+    }
     let views = bytes
         .iter()
         .map(|(name, shape, data)| {
@@ -536,7 +641,14 @@ fn write_moments(
         .map_err(|e| ModelError::checkpoint(path, format!("cannot write: {e}")))
 }
 
-fn read_moments(path: &Path, specs: &[model::ParamSpec]) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+/// What `optimizer.safetensors` holds.
+struct OptimizerFile {
+    moments: Vec<(Vec<f32>, Vec<f32>)>,
+    /// The exact weights, when the model files were saved narrower than them.
+    master: Option<Vec<Vec<f32>>>,
+}
+
+fn read_optimizer_file(path: &Path, specs: &[model::ParamSpec]) -> Result<OptimizerFile> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::checkpoint(path, format!("not a safetensors file: {e}")))?;
@@ -547,10 +659,22 @@ fn read_moments(path: &Path, specs: &[model::ParamSpec]) -> Result<Vec<(Vec<f32>
         }
         Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
     };
-    specs
+    let moments = specs
         .iter()
         .map(|spec| Ok((read(&format!("m.{}", spec.name), spec)?, read(&format!("v.{}", spec.name), spec)?)))
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    let has_master = st.names().iter().any(|n| n.starts_with("master."));
+    let master = if has_master {
+        Some(
+            specs
+                .iter()
+                .map(|spec| read(&format!("master.{}", spec.name), spec))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else {
+        None
+    };
+    Ok(OptimizerFile { moments, master })
 }
 
 /// A token stream held in memory under a descriptive name (the built-in corpus).

@@ -13,8 +13,9 @@
 
 use crate::BackendArg;
 use anyhow::{Context, Result};
+use dsl::rounding::RoundingKey;
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
-use kernels::adamw::{AdamW, adamw_step};
+use kernels::adamw::{AdamW, Rounding, adamw_step, adamw_step_master};
 use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
 use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
@@ -418,18 +419,35 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
         let cols = if ctx.fast { INTERMEDIATE } else { 1024 };
         let numel = HIDDEN * cols;
         let mut param = filled::<R, F>(dev, &[numel], 0.02)?;
-        let grad = filled::<R, F>(dev, &[numel], 1e-3)?;
+        // The trainer's gradients are f32 whatever the compute type.
+        let grad = filled::<R, f32>(dev, &[numel], 1e-3)?;
         let (mut m, mut v) =
             (GpuTensor::<R, f32>::zeros(dev, &[numel])?, GpuTensor::<R, f32>::zeros(dev, &[numel])?);
         let one = GpuTensor::<R, f32>::full(dev, &[1], 1.0)?;
         let hp = AdamW::default();
+        let shape = format!("{HIDDEN}x{cols}");
         let mut step = 0;
-        // read param, grad, m, v; write param, m, v
-        let bytes = numel as u64 * (3 * s + 16);
-        ctx.measure("adamw", "step", dt, format!("{HIDDEN}x{cols}"), bytes, || {
-            step += 1;
-            Ok(adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step)?)
-        })?;
+        if F::DTYPE == DType::F32 {
+            // read param, grad, m, v; write param, m, v
+            ctx.measure("adamw", "step", dt, shape, numel as u64 * 28, || {
+                step += 1;
+                Ok(adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step, Rounding::Nearest)?)
+            })?;
+        } else {
+            // Mixed precision with master weights: read grad, m, v, master (16 bytes); write m,
+            // v, master (12) and the compute copy (s).
+            let mut master = filled::<R, f32>(dev, &[numel], 0.02)?;
+            ctx.measure("adamw", "master", dt, shape.clone(), numel as u64 * (28 + s), || {
+                step += 1;
+                Ok(adamw_step_master(dev, &mut master, &mut param, &mut m, &mut v, &grad, &one, &hp, step)?)
+            })?;
+            // No master, stochastic rounding: read param (s), grad, m, v; write param, m, v.
+            ctx.measure("adamw", "stochastic", dt, shape, numel as u64 * (2 * s + 20), || {
+                step += 1;
+                let rounding = Rounding::Stochastic(RoundingKey::new(0, step, 0));
+                Ok(adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step, rounding)?)
+            })?;
+        }
     }
 
     if ctx.wants("grad_norm") {

@@ -362,11 +362,17 @@ impl Sft<'_> {
                 let config = model::init::grow_vocab(&checkpoint.config, &mut tensors, vocab_size);
                 let params = Params::from_host(dev, &config, &tensors)?;
                 let model = Llama::new(dev, config, params)?;
-                Trainer::new(dev, model, options, TrainData::Sft(data))?
+                let mut trainer = Trainer::new(dev, model, options, TrainData::Sft(data))?;
+                // The master copy starts from the checkpoint's unrounded weights.
+                if trainer.has_master_weights() {
+                    trainer.set_weights(dev, &tensors)?;
+                }
+                trainer
             }
             (None, None) => unreachable!("checked before the device opened"),
         };
         trainer.tokenizer = Some(tokenizer.clone());
+        trainer.save_dtype = train_args.save_dtype.unwrap_or(model::checkpoint::StoredDType::F32);
         trainer.state.source = Some(source);
         trainer.state.validation = Some(validation);
         drive(dev, &mut trainer, &control)?;

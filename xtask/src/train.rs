@@ -4,8 +4,9 @@
 use crate::BackendArg;
 use crate::run_data::{RunData, pretraining_data};
 use anyhow::{Context, Result, bail};
-use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
+use dsl::{BackendRuntime, DType, Device, FloatElement, OnDevice};
 use indicatif::{ProgressBar, ProgressStyle};
+use model::checkpoint::StoredDType;
 use model::{Llama, LlamaConfig, Params};
 use serde_json::json;
 use std::fs::OpenOptions;
@@ -13,6 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use trainer::data::TokenFormat;
+use trainer::precision::{LossScaleOptions, MasterWeights, PrecisionOptions, WriteRounding};
 use trainer::source::{DataSource, HeldOut};
 use trainer::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 use trainer::train::{TrainData, TrainOptions, TrainState, Trainer, read_state};
@@ -115,9 +117,37 @@ pub struct TrainArgs {
     /// bf16), for the model FLOP utilisation; known NVIDIA GPUs are detected.
     #[arg(long)]
     pub peak_tflops: Option<f64>,
-    /// Compute type: f32, f16, or bf16 (cuda) [default: f32, or the resumed run's].
+    /// Compute type: f32, f16, or bf16 (cuda) [default: f32, or the resumed run's]. With f16/bf16
+    /// the weight gradients, AdamW's moments and (by default) a master copy of the weights stay
+    /// in f32; see --master-weights and the README's precision section.
     #[arg(long, value_parser = ["f32", "f16", "bf16"])]
     pub dtype: Option<String>,
+    /// With f16/bf16 compute: `f32` keeps an f32 master copy of the weights that AdamW updates
+    /// (no update is lost); `none` updates the narrow weights themselves (4 bytes per parameter
+    /// less), written by --rounding [default: f32].
+    #[arg(long, value_name = "f32|none")]
+    pub master_weights: Option<MasterWeights>,
+    /// With --master-weights none: `stochastic` rounds each updated weight up with probability
+    /// equal to the discarded fraction (unbiased, reproducible); `nearest` drops every update
+    /// below half an ulp (bf16 at 1.0: 3.9e-3), kept only to measure that loss
+    /// [default: stochastic].
+    #[arg(long, value_name = "stochastic|nearest")]
+    pub rounding: Option<WriteRounding>,
+    /// `dynamic`: scale the loss's gradient by a factor that halves on overflow (the step is
+    /// skipped) and doubles after --loss-scale-growth-interval clean steps, as torch's
+    /// GradScaler; `off`: no scaling [default: dynamic for f16, off for f32 and bf16].
+    #[arg(long, value_parser = ["dynamic", "off"])]
+    pub loss_scale: Option<String>,
+    /// The first loss scale (a power of two) [default: 65536].
+    #[arg(long)]
+    pub loss_scale_init: Option<f64>,
+    /// Clean steps after which the loss scale doubles [default: 2000].
+    #[arg(long)]
+    pub loss_scale_growth_interval: Option<u64>,
+    /// What the saved model files hold: f32 (the exact weights), bf16 or f16 (then the
+    /// optimizer file keeps the exact weights for --resume) [default: f32].
+    #[arg(long, value_name = "f32|bf16|f16")]
+    pub save_dtype: Option<StoredDType>,
 }
 
 fn parse_format(s: &str) -> Result<TokenFormat, String> {
@@ -154,8 +184,51 @@ impl TrainArgs {
             grad_clip: self.grad_clip.unwrap_or(base.grad_clip),
             seed: self.seed.unwrap_or(base.seed),
             val_fraction: self.val_fraction.unwrap_or(base.val_fraction),
+            precision: self.precision(),
             ..base
         }
+    }
+
+    /// The compute type asked for (f32 when not given).
+    pub fn compute_dtype(&self) -> DType {
+        match self.dtype.as_deref() {
+            Some("f16") => DType::F16,
+            Some("bf16") => DType::BF16,
+            _ => DType::F32,
+        }
+    }
+
+    /// The precision policy: the compute type's defaults, overridden by each flag given.
+    pub fn precision(&self) -> PrecisionOptions {
+        let mut p = PrecisionOptions::for_dtype(self.compute_dtype());
+        if let Some(master) = self.master_weights {
+            p.master_weights = master;
+        }
+        if let Some(rounding) = self.rounding {
+            p.rounding = rounding;
+        }
+        match self.loss_scale.as_deref() {
+            Some("off") => p.loss_scale = None,
+            Some(_) => p.loss_scale = p.loss_scale.or(Some(LossScaleOptions::default())),
+            None => {}
+        }
+        if let Some(scale) = &mut p.loss_scale {
+            scale.init_scale = self.loss_scale_init.unwrap_or(scale.init_scale);
+            scale.growth_interval = self.loss_scale_growth_interval.unwrap_or(scale.growth_interval);
+        }
+        p
+    }
+
+    /// Refuses precision flags that would do nothing: loss-scale settings without scaling.
+    pub fn check_precision_flags(&self) -> Result<()> {
+        let scaled = self.precision().loss_scale.is_some();
+        if !scaled && (self.loss_scale_init.is_some() || self.loss_scale_growth_interval.is_some()) {
+            bail!(
+                "--loss-scale-init and --loss-scale-growth-interval need loss scaling (the default for \
+                 --dtype f16, or --loss-scale dynamic)"
+            );
+        }
+        Ok(())
     }
 
     fn options(&self) -> TrainOptions {
@@ -224,6 +297,31 @@ impl TrainArgs {
         check("eps", self.eps.map(|v| v.to_string()), saved.eps.to_string());
         check("grad-clip", self.grad_clip.map(|v| v.to_string()), saved.grad_clip.to_string());
         check("seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
+        let precision = &saved.precision;
+        check(
+            "master-weights",
+            self.master_weights.map(|v| v.to_string()),
+            precision.master_weights.to_string(),
+        );
+        check(
+            "rounding",
+            self.rounding.map(|v| format!("{v:?}").to_lowercase()),
+            format!("{:?}", precision.rounding).to_lowercase(),
+        );
+        let scale = precision.loss_scale;
+        check("loss-scale", self.loss_scale.clone(), if scale.is_some() { "dynamic" } else { "off" }.into());
+        if let Some(scale) = scale {
+            check(
+                "loss-scale-init",
+                self.loss_scale_init.map(|v| v.to_string()),
+                scale.init_scale.to_string(),
+            );
+            check(
+                "loss-scale-growth-interval",
+                self.loss_scale_growth_interval.map(|v| v.to_string()),
+                scale.growth_interval.to_string(),
+            );
+        }
         if let Some(held) = state.validation.as_ref().map(|v| &v.held_out) {
             let fraction = match held {
                 HeldOut::Fraction { fraction } => fraction.to_string(),
@@ -312,6 +410,7 @@ struct Plan {
 }
 
 fn plan(args: &TrainArgs) -> Result<Plan> {
+    args.check_precision_flags()?;
     if let Some(dir) = &args.resume {
         let state = read_state(dir)?;
         if state.sft.is_some() {
@@ -382,18 +481,24 @@ impl Train<'_> {
             t
         } else {
             let options = plan.options.clone();
-            let model = match (&args.model, &plan.config) {
+            let (config, weights) = match (&args.model, &plan.config) {
                 (Some(dir), _) => {
-                    Llama::<R, F>::load(dev, dir).with_context(|| format!("loading {}", dir.display()))?
+                    let checkpoint =
+                        model::checkpoint::load(dir).with_context(|| format!("loading {}", dir.display()))?;
+                    (checkpoint.config, checkpoint.tensors)
                 }
-                (None, Some(config)) => {
-                    let params = model::init::initial_params(config, options.seed);
-                    Llama::new(dev, config.clone(), Params::from_host(dev, config, &params)?)?
-                }
+                (None, Some(config)) => (config.clone(), model::init::initial_params(config, options.seed)),
                 (None, None) => unreachable!("a fresh run without --model has a configuration"),
             };
-            Trainer::new(dev, model, options, data)?
+            let model = Llama::<R, F>::new(dev, config.clone(), Params::from_host(dev, &config, &weights)?)?;
+            let mut trainer = Trainer::new(dev, model, options, data)?;
+            // The master copy starts from the unrounded f32 weights.
+            if trainer.has_master_weights() {
+                trainer.set_weights(dev, &weights)?;
+            }
+            trainer
         };
+        trainer.save_dtype = args.save_dtype.unwrap_or(StoredDType::F32);
         trainer.state.source = Some(plan.data.source.clone());
         trainer.state.validation = Some(plan.data.validation.clone());
         if let Some(tokenizer) = &plan.data.tokenizer {
@@ -452,6 +557,16 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     let options = trainer.options.clone();
     let out = &control.out;
     eprint!("{}", trainer.model.config);
+    let master = trainer.has_master_weights();
+    eprintln!("precision: {}", options.precision.describe(F::DTYPE));
+    let memory =
+        trainer.model.config.training_memory(options.batch, options.seq_len, F::DTYPE.size_bytes(), master);
+    eprintln!(
+        "memory of a step at batch {} × seq {}: {}",
+        options.batch,
+        options.seq_len,
+        memory.describe(F::DTYPE)
+    );
     eprintln!(
         "steps {}, batch {} × seq {} × accum {} = {} tokens/step, lr {:e} (warm-up {}, floor {}×), wd {}, clip {}",
         options.steps,
@@ -491,20 +606,35 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     let started = Instant::now();
     let (mut tokens, mut first_loss, mut last_loss, mut best_val) = (0usize, None, f64::NAN, f64::INFINITY);
     let mut last_val = None;
+    let mut skipped = 0u64;
     while trainer.state.step < options.steps {
         let report = trainer.step(dev)?;
         tokens += report.tokens;
         first_loss.get_or_insert(report.loss);
         last_loss = report.loss;
-        writeln!(
-            log,
-            "{}",
-            json!({"step": report.step, "loss": report.loss, "lr": report.lr, "grad_norm": report.grad_norm,
-                   "tokens": report.tokens, "tokens_per_s": report.tokens_per_s})
-        )?;
+        let mut line = json!({"step": report.step, "loss": report.loss, "lr": report.lr,
+                              "grad_norm": report.grad_norm, "tokens": report.tokens,
+                              "tokens_per_s": report.tokens_per_s});
+        if let Some(scale) = report.loss_scale {
+            line["loss_scale"] = json!(scale);
+            line["skipped"] = json!(report.skipped);
+        }
+        writeln!(log, "{line}")?;
+        if report.skipped {
+            skipped += 1;
+            say(format!(
+                "step {}: gradients overflowed at loss scale {}: update skipped, scale halved",
+                report.step,
+                report.loss_scale.unwrap_or(f64::NAN)
+            ));
+        }
         bar.set_message(format!(
-            "{:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-            report.loss, report.lr, report.grad_norm, report.tokens_per_s
+            "{:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}",
+            report.loss,
+            report.lr,
+            report.grad_norm,
+            report.tokens_per_s,
+            report.loss_scale.map(|s| format!("  scale {s}")).unwrap_or_default()
         ));
         bar.set_position(trainer.state.step);
         let done = trainer.state.step;
@@ -536,7 +666,7 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     trainer.save(dev, out)?;
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "done: {} steps in {:.1} s, {:.0} tokens/s; loss {:.4} → {:.4}{}",
+        "done: {} steps in {:.1} s, {:.0} tokens/s; loss {:.4} → {:.4}{}{}",
         options.steps,
         seconds,
         tokens as f64 / seconds,
@@ -545,6 +675,11 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
         match last_val {
             Some(v) => format!("; val loss {v:.4} (best {best_val:.4})"),
             None => String::new(),
+        },
+        match (skipped, trainer.state.loss_scale) {
+            (0, None) => String::new(),
+            (n, Some(s)) => format!("; loss scale {} ({n} steps skipped on overflow)", s.scale),
+            (n, None) => format!("; {n} steps skipped"),
         }
     );
     let model_tflops =

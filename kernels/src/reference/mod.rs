@@ -11,4 +11,5 @@ pub mod matmul;
 pub mod residual;
 pub mod rmsnorm;
 pub mod rope;
+pub mod rounding;
 pub mod swiglu;
