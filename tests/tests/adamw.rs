@@ -1,7 +1,7 @@
 //! The fused AdamW step against the textbook formula in f64.
 
 use dsl::{BackendRuntime, Device, Error, GpuTensor};
-use kernels::adamw::{AdamW, adamw_step};
+use kernels::adamw::{AdamW, Rounding, adamw_step};
 use kernels::reference::adamw as reference;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -72,7 +72,8 @@ fn run<R: BackendRuntime>(dev: &Device<R>, case: &Case) -> Result<Run, TestCaseE
     for step in 1..=STEPS {
         let g = f32::round_all(&rng.normals(n, 0.0, 1.0));
         let grad = upload::<R, f32>(dev, &g, &[n])?;
-        adamw_step(dev, &mut param, &mut m, &mut v, &grad, &scale, hp, step).map_err(fail)?;
+        adamw_step(dev, &mut param, &mut m, &mut v, &grad, &scale, hp, step, Rounding::Nearest)
+            .map_err(fail)?;
         reference::adamw_step(&mut r.p64, &mut r.m64, &mut r.v64, &g, scale_used, hp, step);
         for state in [&mut r.p64, &mut r.m64, &mut r.v64] {
             *state = f32::round_all(state);
@@ -151,7 +152,7 @@ fn f16_one_step<R: BackendRuntime>(dev: &Device<R>) {
     let (mut m_t, mut v_t) = (GpuTensor::zeros(dev, &[n]).unwrap(), GpuTensor::zeros(dev, &[n]).unwrap());
     let grad = GpuTensor::<R, half::f16>::from_f64(dev, &g, &[n]).unwrap();
     let one = GpuTensor::<R, f32>::full(dev, &[1], 1.0).unwrap();
-    adamw_step(dev, &mut param, &mut m_t, &mut v_t, &grad, &one, &hp, 1).unwrap();
+    adamw_step(dev, &mut param, &mut m_t, &mut v_t, &grad, &one, &hp, 1, Rounding::Nearest).unwrap();
     let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
     reference::adamw_step(&mut p, &mut m, &mut v, &g, 1.0, &hp, 1);
     let got = param.to_f64_vec(dev).unwrap();
@@ -174,7 +175,7 @@ fn zero_grad_no_decay<R: BackendRuntime>(dev: &Device<R>) {
     let one = GpuTensor::<R, f32>::full(dev, &[1], 1.0).unwrap();
     let hp = AdamW { weight_decay: 0.0, lr: 1e-3, ..AdamW::default() };
     for step in 1..=5 {
-        adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step).unwrap();
+        adamw_step(dev, &mut param, &mut m, &mut v, &grad, &one, &hp, step, Rounding::Nearest).unwrap();
     }
     let after: Vec<u32> = param.to_vec(dev).unwrap().iter().map(|x| x.to_bits()).collect();
     assert!(before == after, "a zero-gradient tensor without weight decay changed");
@@ -190,13 +191,18 @@ fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
     let (mut m, mut v) = (GpuTensor::zeros(dev, &[8]).unwrap(), GpuTensor::zeros(dev, &[7]).unwrap());
     let g = GpuTensor::<R, f32>::zeros(dev, &[8]).unwrap();
     let one = GpuTensor::<R, f32>::full(dev, &[1], 1.0).unwrap();
-    let err = adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &AdamW::default(), 1).unwrap_err();
+    let err = adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &AdamW::default(), 1, Rounding::Nearest)
+        .unwrap_err();
     assert_eq!(err.to_string(), "adamw_step: tensor `v` has shape [7], expected [8]");
     let mut v = GpuTensor::zeros(dev, &[8]).unwrap();
-    let err = adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &AdamW::default(), 0).unwrap_err();
+    let err = adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &AdamW::default(), 0, Rounding::Nearest)
+        .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { op: "adamw_step", .. }), "step 0 must be refused: {err}");
     let hp = AdamW { beta2: 1.0, ..AdamW::default() };
-    assert!(adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &hp, 1).is_err(), "beta2 = 1 must be refused");
+    assert!(
+        adamw_step(dev, &mut p, &mut m, &mut v, &g, &one, &hp, 1, Rounding::Nearest).is_err(),
+        "beta2 = 1 must be refused"
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Global gradient norm and clip scale against f64, determinism, and clipping end to end.
 
 use dsl::{BackendRuntime, DType, Device, GpuTensor};
-use kernels::adamw::{AdamW, adamw_step};
-use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
+use kernels::adamw::{AdamW, Rounding, adamw_step};
+use kernels::grad_norm::{grad_norm, grad_norm_scratch_len, grad_norm_unscaled};
 use kernels::reference::{adamw as reference_adamw, grad_norm as reference};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -80,6 +80,53 @@ fn grad_norm_is_bitwise_deterministic() {
     on_test_backend!(deterministic);
 }
 
+/// Under loss scaling: gradients scaled by S = 2^k (exact in f32) with `unscale = 1/S` give the
+/// unscaled norm and `1/S` times the unscaled clip scale, both bit for bit; `unscale = 1` is
+/// `grad_norm` itself; an inf or NaN in any gradient makes the norm non-finite.
+fn unscaled_norm<R: BackendRuntime>(dev: &Device<R>) {
+    let mut rng = DataRng::new(21);
+    let sizes = [4097usize, 17, 300_001];
+    let values: Vec<Vec<f64>> = sizes.iter().map(|&n| f32::round_all(&rng.normals(n, 0.0, 0.3))).collect();
+    let upload_scaled = |scale: f64| -> Vec<GpuTensor<R, f32>> {
+        values
+            .iter()
+            .zip(&sizes)
+            .map(|(v, &n)| {
+                GpuTensor::from_f64(dev, &v.iter().map(|x| x * scale).collect::<Vec<_>>(), &[n]).unwrap()
+            })
+            .collect()
+    };
+    let run = |grads: &[GpuTensor<R, f32>], unscale: f32| -> (f32, f32) {
+        let numels: Vec<usize> = grads.iter().map(|g| g.numel()).collect();
+        let mut scratch = GpuTensor::<R, f32>::zeros(dev, &[grad_norm_scratch_len(&numels)]).unwrap();
+        let (mut norm, mut scale) =
+            (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::zeros(dev, &[1]).unwrap());
+        let refs: Vec<&GpuTensor<R, f32>> = grads.iter().collect();
+        grad_norm_unscaled(dev, &mut norm, &mut scale, &mut scratch, &refs, 1.0, unscale).unwrap();
+        (norm.to_vec(dev).unwrap()[0], scale.to_vec(dev).unwrap()[0])
+    };
+    let plain = upload_scaled(1.0);
+    let (norm, clip) = run(&plain, 1.0);
+    assert_eq!((norm, clip), norms(dev, &plain, 1.0).unwrap(), "unscale 1 is grad_norm");
+    let s = 65536.0;
+    let (scaled_norm, scaled_clip) = run(&upload_scaled(s), (1.0 / s) as f32);
+    assert_eq!(scaled_norm.to_bits(), norm.to_bits(), "the norm of S·g unscaled is the norm of g");
+    assert_eq!(scaled_clip.to_bits(), (clip / s as f32).to_bits(), "the clip scale carries 1/S");
+    let mut overflowed = upload_scaled(1.0);
+    overflowed[1] = GpuTensor::from_slice(
+        dev,
+        &[0.5, f32::INFINITY].repeat(8).into_iter().chain([1.0]).collect::<Vec<_>>(),
+        &[17],
+    )
+    .unwrap();
+    assert!(!run(&overflowed, 1.0 / 1024.0).0.is_finite(), "an inf gradient makes the norm non-finite");
+}
+
+#[test]
+fn grad_norm_unscales_loss_scaled_gradients() {
+    on_test_backend!(unscaled_norm);
+}
+
 /// Clipping end to end: the clip scale computed on the device feeds AdamW on the device, and
 /// the result matches clip-then-step in f64.
 fn clip_then_step<R: BackendRuntime>(dev: &Device<R>) {
@@ -94,7 +141,7 @@ fn clip_then_step<R: BackendRuntime>(dev: &Device<R>) {
     let mut param = GpuTensor::<R, f32>::from_f64(dev, &p0, &[n]).unwrap();
     let (mut m, mut v) = (GpuTensor::zeros(dev, &[n]).unwrap(), GpuTensor::zeros(dev, &[n]).unwrap());
     let hp = AdamW::default();
-    adamw_step(dev, &mut param, &mut m, &mut v, &grad, &scale, &hp, 1).unwrap();
+    adamw_step(dev, &mut param, &mut m, &mut v, &grad, &scale, &hp, 1, Rounding::Nearest).unwrap();
 
     let (_, want_scale) = reference::grad_norm(&[&g], 1.0);
     assert!(want_scale < 0.05, "the test gradient should be clipped hard (scale {want_scale})");

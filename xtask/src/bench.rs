@@ -629,13 +629,13 @@ fn print_table(report: &Report) {
     if !report.kernels.is_empty() {
         println!();
         println!(
-            "{:<14} {:<9} {:<6} {:<24} {:>11} {:>9} {:>8}",
+            "{:<14} {:<10} {:<6} {:<24} {:>11} {:>9} {:>8}",
             "kernel", "pass", "dtype", "shape", "median", "GB/s", "of copy"
         );
     }
     for k in &report.kernels {
         println!(
-            "{:<14} {:<9} {:<6} {:<24} {:>8.3} ms {:>9.1} {:>7.0}%",
+            "{:<14} {:<10} {:<6} {:<24} {:>8.3} ms {:>9.1} {:>7.0}%",
             k.kernel,
             k.pass,
             k.dtype,

@@ -108,6 +108,18 @@ fn a_run_killed_mid_training_resumes_bit_identically() {
         &["--lr", "1e-3", "--batch", "2"],
         &["this option would change the run's numbers: --lr 0.001 (the run's: 0.003)."],
     );
+    // The precision policy is part of the numbers too.
+    refused(
+        &["--master-weights", "none", "--loss-scale", "dynamic"],
+        &[
+            "these options would change the run's numbers: --master-weights none (the run's: f32), --loss-scale \
+           dynamic (the run's: off)",
+        ],
+    );
+    refused(
+        &["--loss-scale-init", "1024"],
+        &["--loss-scale-init and --loss-scale-growth-interval need loss scaling"],
+    );
     let other = dir.join("other.bin");
     std::fs::write(&other, [1u8, 0, 2, 0]).unwrap();
     refused(
