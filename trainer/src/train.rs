@@ -149,6 +149,10 @@ pub struct TrainState {
     /// The dynamic loss scale, when the run scales its loss.
     #[serde(default)]
     pub loss_scale: Option<LossScaler>,
+    /// What the model files hold (`float32`, `bfloat16`, `float16`): `--save-dtype`, which a
+    /// resumed run keeps unless given again.
+    #[serde(default)]
+    pub save_dtype: Option<String>,
 }
 
 /// A run's validation: the data and the evaluation interval.
@@ -357,6 +361,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             dtype: Some(F::DTYPE.to_string()),
             optimizer_step: None,
             loss_scale: options.precision.loss_scale.as_ref().map(LossScaler::new),
+            save_dtype: None,
         };
         let save_dtype = StoredDType::F32;
         Ok(Self { model, options, state, tokenizer: None, save_dtype, grads, acts, optimizer, source })
@@ -409,6 +414,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         if tokenizer_path.exists() {
             trainer.tokenizer = Some(TextTokenizer::load(&tokenizer_path)?);
+        }
+        if let Some(dtype) = state.save_dtype.as_deref().and_then(|d| d.parse().ok()) {
+            trainer.save_dtype = dtype;
         }
         trainer.state = state;
         Ok(trainer)
@@ -569,6 +577,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let specs = self.model.params.specs();
         let mut state = self.state.clone();
         state.optimizer_step = (self.optimizer.step != state.step).then_some(self.optimizer.step);
+        state.save_dtype = Some(self.save_dtype.torch_name().to_string());
         let state = serde_json::to_string_pretty(&state).expect("state serialises");
         let tokenizer = self.tokenizer.as_ref().map(TextTokenizer::to_json).transpose()?;
         // Model files narrower than the weights lose bits: keep the exact ones for --resume.

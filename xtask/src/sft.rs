@@ -372,7 +372,9 @@ impl Sft<'_> {
             (None, None) => unreachable!("checked before the device opened"),
         };
         trainer.tokenizer = Some(tokenizer.clone());
-        trainer.save_dtype = train_args.save_dtype.unwrap_or(model::checkpoint::StoredDType::F32);
+        if let Some(dtype) = train_args.save_dtype {
+            trainer.save_dtype = dtype;
+        }
         trainer.state.source = Some(source);
         trainer.state.validation = Some(validation);
         drive(dev, &mut trainer, &control)?;

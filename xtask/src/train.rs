@@ -145,7 +145,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub loss_scale_growth_interval: Option<u64>,
     /// What the saved model files hold: f32 (the exact weights), bf16 or f16 (then the
-    /// optimizer file keeps the exact weights for --resume) [default: f32].
+    /// optimizer file keeps the exact weights for --resume) [default: f32, or the resumed run's].
     #[arg(long, value_name = "f32|bf16|f16")]
     pub save_dtype: Option<StoredDType>,
 }
@@ -498,7 +498,9 @@ impl Train<'_> {
             }
             trainer
         };
-        trainer.save_dtype = args.save_dtype.unwrap_or(StoredDType::F32);
+        if let Some(dtype) = args.save_dtype {
+            trainer.save_dtype = dtype;
+        }
         trainer.state.source = Some(plan.data.source.clone());
         trainer.state.validation = Some(plan.data.validation.clone());
         if let Some(tokenizer) = &plan.data.tokenizer {
