@@ -133,6 +133,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     if args.train.model.is_none() && args.train.resume.is_none() {
         bail!("sft needs --model DIR (the checkpoint to fine-tune) or --resume DIR");
     }
+    args.train.check_precision_flags()?;
     let saved = args.train.resume.as_ref().map(|dir| read_state(dir)).transpose()?;
     if let (Some(dir), Some(state)) = (&args.train.resume, &saved)
         && state.sft.is_none()

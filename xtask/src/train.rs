@@ -221,6 +221,14 @@ impl TrainArgs {
 
     /// Refuses precision flags that would do nothing: loss-scale settings without scaling.
     pub fn check_precision_flags(&self) -> Result<()> {
+        if self.resume.is_none()
+            && self.compute_dtype() == DType::F32
+            && (self.master_weights.is_some() || self.rounding.is_some())
+        {
+            eprintln!(
+                "note: --master-weights and --rounding apply to f16/bf16 compute only; with f32 they change nothing"
+            );
+        }
         let scaled = self.precision().loss_scale.is_some();
         if !scaled && (self.loss_scale_init.is_some() || self.loss_scale_growth_interval.is_some()) {
             bail!(
