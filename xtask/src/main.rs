@@ -16,9 +16,12 @@
 //!   `cargo xtask sft-data`: the built-in instruction task (reverse a word) as JSON Lines.
 //! - `cargo xtask data-audit --data FILE...`: Llama 2's pretraining-data audit (pronouns,
 //!   demographic descriptors, languages, personal data, duplicates); `--bench` for its speed.
+//! - `cargo xtask cuda-report [--arch sm_80,sm_90] [--json]`: every CUDA kernel variant,
+//!   compiled offline (no GPU): registers, spills, shared memory, whether it fits.
 
 mod bench;
 mod cargo;
+mod cuda_report;
 mod data_audit;
 mod eval;
 mod generate;
@@ -99,6 +102,9 @@ enum Command {
     /// Audit pretraining data as Llama 2 did: pronouns, demographic descriptors, languages,
     /// personal data, duplicates (no --data: the built-in corpus).
     DataAudit(Box<data_audit::DataAuditArgs>),
+    /// Compile every CUDA kernel variant offline (NVRTC + ptxas, no GPU): registers, spills,
+    /// shared memory and whether each fits sm_80 / sm_90.
+    CudaReport(cuda_report::CudaReportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,5 +141,6 @@ fn run(command: Command) -> Result<()> {
         Command::Init(args) => init::init(args),
         Command::Config(args) => init::show(args),
         Command::DataAudit(args) => data_audit::run(*args),
+        Command::CudaReport(args) => cuda_report::run(args),
     }
 }
