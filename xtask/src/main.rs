@@ -18,11 +18,14 @@
 //!   demographic descriptors, languages, personal data, duplicates); `--bench` for its speed.
 //! - `cargo xtask cuda-report [--arch sm_80,sm_90] [--json]`: every CUDA kernel variant,
 //!   compiled offline (no GPU): registers, spills, shared memory, whether it fits.
+//! - `cargo xtask device-bundle --out DIR [--quick]`: CUDA binaries + `DIR/run.sh`, the one
+//!   GPU check (tests, bench, training step, PyTorch baselines side by side).
 
 mod bench;
 mod cargo;
 mod cuda_report;
 mod data_audit;
+mod device_bundle;
 mod eval;
 mod generate;
 mod init;
@@ -105,6 +108,9 @@ enum Command {
     /// Compile every CUDA kernel variant offline (NVRTC + ptxas, no GPU): registers, spills,
     /// shared memory and whether each fits sm_80 / sm_90.
     CudaReport(cuda_report::CudaReportArgs),
+    /// Build the CUDA binaries and a run.sh for a GPU machine without Rust: tests, bench, a
+    /// training step and PyTorch baselines, reported side by side.
+    DeviceBundle(device_bundle::DeviceBundleArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,5 +148,6 @@ fn run(command: Command) -> Result<()> {
         Command::Config(args) => init::show(args),
         Command::DataAudit(args) => data_audit::run(*args),
         Command::CudaReport(args) => cuda_report::run(args),
+        Command::DeviceBundle(args) => device_bundle::run(args),
     }
 }

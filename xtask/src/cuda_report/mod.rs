@@ -24,6 +24,11 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// NVRTC, ptxas and the CUDA headers, installed from the pinned wheels on first use.
+pub fn ensure_tools() -> Result<tools::Tools> {
+    tools::ensure()
+}
+
 #[derive(clap::Args)]
 pub struct CudaReportArgs {
     /// Target architectures, comma-separated.
@@ -38,6 +43,9 @@ pub struct CudaReportArgs {
     /// Where the generated .cu, .ptx and ptxas reports are kept [default: target/cuda-report].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Fail when a variant does not fit its architecture (CI), not only when one fails to compile.
+    #[arg(long)]
+    check: bool,
 }
 
 /// One row of the report (the `--json` keys, plus `launched_by` and `dynamic_shared_bytes`).
@@ -151,6 +159,14 @@ pub fn run(args: CudaReportArgs) -> Result<()> {
             eprintln!("{f}\n");
         }
         bail!("{} kernel variant(s) failed to compile (above)", failures.len());
+    }
+    let misfits: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.fits)
+        .map(|r| format!("{} [{}] {}: {}", r.kernel, r.variant, r.arch, r.limits))
+        .collect();
+    if args.check && !misfits.is_empty() {
+        bail!("{} kernel variant(s) do not fit their architecture:\n{}", misfits.len(), misfits.join("\n"));
     }
     Ok(())
 }
