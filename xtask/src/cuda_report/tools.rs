@@ -59,6 +59,15 @@ const VERSION_MARKER: &str = "wheels.txt";
 /// first time (about 140 MB of downloads).
 pub fn ensure() -> Result<Tools> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    // Python also runs the NVRTC helper: needed even when the tools are installed.
+    let version = Command::new(&python).arg("--version").output();
+    match version {
+        Ok(out) if out.status.success() => {}
+        _ => bail!(
+            "cuda-report needs Python 3 (it installs NVRTC and ptxas with pip, and drives NVRTC from Python): \
+             `{python}` was not found (install python3 and pip, or set PYTHON=/path/to/python3)"
+        ),
+    }
     let dir = tools_dir();
     if let Some(tools) = locate(&python, &dir) {
         return Ok(tools);
@@ -67,14 +76,6 @@ pub fn ensure() -> Result<Tools> {
         bail!(
             "cuda-report needs Linux on x86-64: NVIDIA's NVRTC/ptxas wheels exist for it (and Windows), not this platform"
         );
-    }
-    let version = Command::new(&python).arg("--version").output();
-    match version {
-        Ok(out) if out.status.success() => {}
-        _ => bail!(
-            "cuda-report installs NVRTC and ptxas with pip and needs Python 3: `{python}` was not found \
-             (install python3 and pip, or set PYTHON=/path/to/python3)"
-        ),
     }
     eprintln!("installing NVRTC and ptxas (pip wheels {}) into {}", WHEELS.join(", "), dir.display());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
