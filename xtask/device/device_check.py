@@ -57,6 +57,12 @@ def load_results(results):
         if len(parts) == 3:
             status = {"0": "ok", "124": "timeout"}.get(parts[1], f"exit {parts[1]}")
             phases[parts[0]] = {"status": status, "seconds": int(parts[2])}
+            if status != "ok":
+                # The phase's own error line (e.g. `error: backend cuda found no usable device`).
+                log = (read_text(os.path.join(results, f"{parts[0]}.log")) or "").splitlines()
+                errors = [l for l in log if l.startswith("error") or "panicked" in l] or log[-1:]
+                if errors:
+                    out["errors"].append(f"{parts[0]} ({status}): {errors[-1][:300]}")
     out["phases"] = phases
     tests = read_text(os.path.join(results, "tests.txt")) or ""
     passed = sum(int(m) for m in re.findall(r"(\d+) passed", tests))
