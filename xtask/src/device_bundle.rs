@@ -95,7 +95,7 @@ pub fn run(args: DeviceBundleArgs) -> Result<()> {
     std::fs::write(&all_in_one.0, all_in_one_source(&names))
         .with_context(|| format!("writing {}", all_in_one.0.display()))?;
     eprintln!(
-        "building the CUDA test binary ({} test files) and xtask; cold: ~10 min on 2 cores",
+        "building the CUDA test binary ({} test files) and xtask; cold: 20-40 min on 2 cores",
         names.len()
     );
     let mut cmd = cargo();
