@@ -16,10 +16,16 @@
 //!   `cargo xtask sft-data`: the built-in instruction task (reverse a word) as JSON Lines.
 //! - `cargo xtask data-audit --data FILE...`: Llama 2's pretraining-data audit (pronouns,
 //!   demographic descriptors, languages, personal data, duplicates); `--bench` for its speed.
+//! - `cargo xtask cuda-report [--arch sm_80,sm_90] [--json]`: every CUDA kernel variant,
+//!   compiled offline (no GPU): registers, spills, shared memory, whether it fits.
+//! - `cargo xtask device-bundle --out DIR [--quick]`: CUDA binaries + `DIR/run.sh`, the one
+//!   GPU check (tests, bench, training step, PyTorch baselines side by side).
 
 mod bench;
 mod cargo;
+mod cuda_report;
 mod data_audit;
+mod device_bundle;
 mod eval;
 mod generate;
 mod init;
@@ -99,6 +105,12 @@ enum Command {
     /// Audit pretraining data as Llama 2 did: pronouns, demographic descriptors, languages,
     /// personal data, duplicates (no --data: the built-in corpus).
     DataAudit(Box<data_audit::DataAuditArgs>),
+    /// Compile every CUDA kernel variant offline (NVRTC + ptxas, no GPU): registers, spills,
+    /// shared memory and whether each fits sm_80 / sm_90.
+    CudaReport(cuda_report::CudaReportArgs),
+    /// Build the CUDA binaries and a run.sh for a GPU machine without Rust: tests, bench, a
+    /// training step and PyTorch baselines, reported side by side.
+    DeviceBundle(device_bundle::DeviceBundleArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -135,5 +147,7 @@ fn run(command: Command) -> Result<()> {
         Command::Init(args) => init::init(args),
         Command::Config(args) => init::show(args),
         Command::DataAudit(args) => data_audit::run(*args),
+        Command::CudaReport(args) => cuda_report::run(args),
+        Command::DeviceBundle(args) => device_bundle::run(args),
     }
 }

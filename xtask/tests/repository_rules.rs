@@ -29,4 +29,10 @@ fn ci_runs_the_readme_test_command() {
     assert!(ci.lines().any(|l| l.trim() == "cargo xtask test"), ".ci/run must call `cargo xtask test`");
     assert!(ci.contains("mesa-vulkan-drivers") && ci.contains("libvulkan1"));
     assert!(ci.contains("cargo check --workspace --all-targets --features cuda"));
+    // Every CUDA kernel variant is compiled offline (NVRTC + ptxas), so one that stops compiling,
+    // spills into oblivion or outgrows shared memory shows without a GPU.
+    assert!(
+        ci.lines().any(|l| l.trim().starts_with("cargo xtask cuda-report")),
+        ".ci/run must call cuda-report"
+    );
 }

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# One GPU check, written into a bundle by `cargo xtask device-bundle --out DIR` (this is its
+# template: xtask/device/run.sh). On a Linux machine with an NVIDIA driver and Python with
+# PyTorch and transformers (no Rust), in at most 8 minutes (--quick: about 4):
+#   1. the CUDA tests (bin/cuda_tests: every tests/tests/*.rs file),
+#   2. `xtask bench --backend cuda --json` (matmul, attention, other kernels: three runs),
+#   3. our stories110m training step (B 8 × T 1024, bf16) with `xtask train`,
+#   4. PyTorch on the same shapes (python/device_check.py): torch.matmul per GEMM, SDPA per
+#      attention shape, a Hugging Face LlamaForCausalLM step eager and torch.compile,
+# then RESULTS/report.json and RESULTS/report.md with side-by-side ratios. A phase that fails or
+# runs out of time is reported and the next one runs; exit 0 when the report was written.
+#
+# usage: ./run.sh [--quick|--full] [--out RESULTS_DIR]   (default RESULTS_DIR: ./results)
+set -uo pipefail
+
+QUICK_DEFAULT=0
+HERE="$(cd "$(dirname "$0")" && pwd)"
+QUICK=$QUICK_DEFAULT
+OUT="$HERE/results"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --full) QUICK=0 ;;
+    --out) OUT="$2"; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1 (use --quick, --full, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$OUT"
+START=$(date +%s)
+# Seconds per phase: tests, matmul bench, attention bench, other kernels' bench, our training,
+# PyTorch. Full: 450 s in all, quick: 230 s, leaving room for start-up and the report. The
+# bench runs in three parts so that one running out of time loses only its own rows.
+if [ "$QUICK" = 1 ]; then BUDGET=(45 30 45 0 40 70); else BUDGET=(100 45 75 35 55 140); fi
+# CUBELLAMA_CHECK_BUDGETS="T M A K R P" overrides them (seconds; for testing this script).
+[ -n "${CUBELLAMA_CHECK_BUDGETS:-}" ] && read -r -a BUDGET <<< "$CUBELLAMA_CHECK_BUDGETS"
+log() { echo "[run.sh $(( $(date +%s) - START ))s] $*" >&2; }
+PHASES="$OUT/phases.txt"
+: > "$PHASES"
+phase_done() { echo "$1 $2 $3" >> "$PHASES"; }   # name, exit status, seconds
+
+# --- Requirements: a GPU, NVRTC, Python ------------------------------------------------------
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo "run.sh: nvidia-smi not found: this check needs a Linux machine with an NVIDIA GPU and its driver" >&2
+  exit 3
+fi
+if ! nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
+  echo "run.sh: nvidia-smi lists no GPU (driver not loaded, or no device visible: CUDA_VISIBLE_DEVICES?)" >&2
+  nvidia-smi -L >&2 || true
+  exit 3
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+log "GPU: $(head -1 "$OUT/gpu.txt")"
+PY="${PYTHON:-python3}"
+if ! command -v "$PY" >/dev/null 2>&1; then
+  echo "run.sh: $PY not found; the PyTorch baselines and the report need Python 3 (set PYTHON=...)" >&2
+  exit 3
+fi
+# NVRTC: CubeCL compiles kernels at run time. PyTorch's CUDA wheels ship libnvrtc.so.12
+# (nvidia-cuda-nvrtc-cu12); a CUDA toolkit's lib64 works too.
+find_nvrtc() {
+  for d in ${LD_LIBRARY_PATH//:/ } "${CUDA_PATH:-/nonexistent}/lib64" /usr/local/cuda/lib64; do
+    ls "$d"/libnvrtc.so* >/dev/null 2>&1 && { echo "$d"; return; }
+  done
+  "$PY" - <<'EOF' 2>/dev/null
+import glob, os
+try:
+    import nvidia.cuda_nvrtc as m
+    base = list(m.__path__)[0]
+    if glob.glob(os.path.join(base, "lib", "libnvrtc.so*")):
+        print(os.path.join(base, "lib"))
+except Exception:
+    pass
+EOF
+}
+NVRTC_DIR="$(find_nvrtc | head -1)"
+if [ -z "$NVRTC_DIR" ]; then
+  echo "run.sh: libnvrtc.so not found (LD_LIBRARY_PATH, \$CUDA_PATH/lib64, /usr/local/cuda/lib64, or the" >&2
+  echo "        nvidia-cuda-nvrtc-cu12 package PyTorch installs): pip install nvidia-cuda-nvrtc-cu12" >&2
+  exit 3
+fi
+export LD_LIBRARY_PATH="$NVRTC_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CUDA_PATH="$HERE/cuda"            # the headers NVRTC includes (bundled)
+export CUBELLAMA_BACKEND=cuda
+export CUBELLAMA_FIXTURES="$HERE/fixtures"
+export CUBELLAMA_NO_INSTALL=1
+log "NVRTC from $NVRTC_DIR"
+
+# Peak device memory of our processes: nvidia-smi sampled every 200 ms while they run.
+sample_memory() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$1" 2>/dev/null & echo $!; }
+
+run_phase() {  # name, budget seconds, output file, command...
+  local name="$1" budget="$2" output="$3"; shift 3
+  local t0; t0=$(date +%s)
+  log "$name (≤ ${budget}s)…"
+  timeout --signal=TERM --kill-after=10 "$budget" "$@" > "$output" 2> "$OUT/$name.log"
+  local rc=$?
+  [ $rc = 124 ] && log "$name: out of time after ${budget}s (reported as timeout)"
+  [ $rc != 0 ] && [ $rc != 124 ] && log "$name: exit status $rc (see $OUT/$name.log)"
+  phase_done "$name" "$rc" "$(( $(date +%s) - t0 ))"
+}
+
+# --- 1. CUDA tests ------------------------------------------------------------------------
+run_phase tests "${BUDGET[0]}" "$OUT/tests.txt" "$HERE/bin/cuda_tests" --test-threads=4
+
+# --- 2. Kernel benchmarks (bench_*.json, merged by device_check.py) -----------------------
+if [ "$QUICK" = 1 ]; then ITERS=3; else ITERS=5; fi
+bench() {  # part, budget, kernels
+  [ "$2" -gt 0 ] || return 0
+  run_phase "bench_$1" "$2" "$OUT/bench_$1.json" "$HERE/bin/xtask" bench --backend cuda --json --iters "$ITERS" --kernels "$3"
+}
+bench matmul "${BUDGET[1]}" matmul
+bench attention "${BUDGET[2]}" attention
+bench kernels "${BUDGET[3]}" rmsnorm,swiglu,rope,embedding,cross_entropy,adamw,grad_norm
+
+# --- 3. Our stories110m training step -----------------------------------------------------
+if [ "$QUICK" = 1 ]; then STEPS=4; else STEPS=10; fi
+SAMPLER=$(sample_memory "$OUT/train_memory.txt")
+run_phase train "${BUDGET[4]}" "$OUT/train.txt" "$HERE/bin/xtask" train --backend cuda \
+  --preset stories110m --vocab-size 32000 --batch 8 --seq-len 1024 --steps "$STEPS" --dtype bf16 \
+  --out "$OUT/train-run" --log "$OUT/train.jsonl"
+kill "$SAMPLER" 2>/dev/null
+
+# --- 4. PyTorch baselines and the report --------------------------------------------------
+# The script watches its own budget (15 s short of the phase's) and writes what it has.
+PY_ARGS=(--results "$OUT" --budget "$(( BUDGET[5] > 30 ? BUDGET[5] - 15 : BUDGET[5] / 2 ))")
+[ "$QUICK" = 1 ] && PY_ARGS+=(--quick)
+run_phase pytorch "${BUDGET[5]}" "$OUT/pytorch.txt" "$PY" "$HERE/python/device_check.py" "${PY_ARGS[@]}"
+if [ ! -s "$OUT/report.md" ]; then
+  # The script failed before writing (no PyTorch at all, say): write the report without it.
+  "$PY" "$HERE/python/device_check.py" --results "$OUT" --report-only >> "$OUT/pytorch.log" 2>&1
+fi
+log "done in $(( $(date +%s) - START ))s: $OUT/report.md"
+cat "$OUT/report.md" 2>/dev/null || { echo "run.sh: no report written (see $OUT/*.log)" >&2; exit 1; }
