@@ -13,6 +13,7 @@ use kernels::attention::{AttentionKernel, attention_backward_with, attention_for
 use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use model::{Activations, KvCache, Llama, LlamaConfig, Params};
 use trainer::optimizer::Optimizer;
+use trainer::precision::WriteRounding;
 
 /// A model shape and the batch it is trained with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +65,8 @@ fn run_workload<F: FloatElement>(device: &Device<OfflineCuda>, w: &Workload) -> 
     let label = |phase: &str| offline::set_label(device, &format!("{} {} {phase}", w.preset, F::DTYPE));
     label("train")?;
     let model = Llama::new(device, config.clone(), Params::<OfflineCuda, F>::zeros(device, &config)?)?;
-    let mut grads = Params::<OfflineCuda, F>::zeros(device, &config)?;
+    // The trainer's weight gradients are f32 whatever the compute type.
+    let mut grads = Params::<OfflineCuda, f32>::zeros(device, &config)?;
     let mut acts = Activations::<OfflineCuda, F>::new(device, &config, w.batch, w.seq)?;
     let tokens = w.batch * w.seq;
     let ids = model.token_ids(device, &vec![1; tokens], w.batch, w.seq)?;
@@ -73,8 +75,19 @@ fn run_workload<F: FloatElement>(device: &Device<OfflineCuda>, w: &Workload) -> 
     model.loss(device, &mut acts, &targets, true)?;
     model.backward(device, &mut acts, &ids, &mut grads)?;
     let mut params = Params::<OfflineCuda, F>::zeros(device, &config)?;
-    let mut optimizer = Optimizer::new(device, params.specs(), Default::default(), 1.0)?;
-    optimizer.step(device, &mut params, &grads, 3e-4)?;
+    // AdamW's three write paths: round to nearest (f32's only one), stochastic rounding, and
+    // the f32 master with its compute copy.
+    for rounding in [WriteRounding::Nearest, WriteRounding::Stochastic] {
+        let mut optimizer = Optimizer::new(device, params.specs(), Default::default(), 1.0, rounding, 0)?;
+        optimizer.step(device, &mut params, &grads, 3e-4)?;
+    }
+    if F::DTYPE != dsl::DType::F32 {
+        let mut optimizer =
+            Optimizer::new(device, params.specs(), Default::default(), 1.0, WriteRounding::Nearest, 0)?;
+        let zeros: Vec<Vec<f32>> = params.specs().iter().map(|s| vec![0.0; s.numel()]).collect();
+        optimizer.keep_master(device, &zeros)?;
+        optimizer.step(device, &mut params, &grads, 3e-4)?;
+    }
     label("eval")?;
     model.loss(device, &mut acts, &targets, false)?;
 
@@ -100,6 +113,9 @@ fn bench_only<F: FloatElement>(device: &Device<OfflineCuda>) -> Result<()> {
     let mut copy = qkv()?;
     copy.copy_from(device, &q)?;
     kernels::residual::scale(device, &mut copy, 0.5)?;
+    // The standalone stochastic-rounding cast (the AdamW kernel inlines the same rounding).
+    let wide = GpuTensor::<OfflineCuda, f32>::uninit(device, &[b, t, h, hd])?;
+    kernels::rounding::cast_stochastic(device, &mut copy, &wide, dsl::rounding::RoundingKey::new(0, 1, 0))?;
     for kernel in AttentionKernel::available::<OfflineCuda, F>(device) {
         attention_forward_with(device, kernel, &mut out, &mut lse, &q, &k, &v, true)?;
         attention_backward_with(
