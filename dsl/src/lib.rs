@@ -39,11 +39,11 @@ pub mod tensor;
 pub use backend::{Backend, BackendRuntime, Device, DeviceInfo, OnDevice, on_device};
 pub use element::{DType, Element, FloatElement};
 pub use error::{Error, Result};
-pub use memory::ELEMENTWISE_UNITS;
+pub use memory::{ELEMENTWISE_UNITS, record_scalar};
 pub use reduce::{
     CubeReduce, ReduceOp, cube_max, cube_max_sumexp, cube_reduce, cube_sum, online_softmax_update,
 };
-pub use tensor::GpuTensor;
+pub use tensor::{GpuTensor, VIEW_ALIGN_BYTES};
 
 /// Concrete runtimes, for binaries and tests that instantiate generic code.
 pub mod runtimes {

@@ -44,6 +44,62 @@ fn copy_kernel<E: Numeric, N: Size>(
     }
 }
 
+#[cube(launch_unchecked)]
+fn record_scalar_kernel(
+    dst: &mut Array<f32>,
+    src: &Array<f32>,
+    dst_index: u32,
+    src_index: u32,
+    #[comptime] accumulate: bool,
+) {
+    if ABSOLUTE_POS == 0 {
+        let v = src[src_index as usize];
+        if comptime!(accumulate) {
+            dst[dst_index as usize] += v;
+        } else {
+            dst[dst_index as usize] = v;
+        }
+    }
+}
+
+/// `dst[dst_index] = src[src_index]`, or `+=` with `accumulate`, on the device: how a training
+/// step keeps its loss and gradient norm on the GPU until they are read in one transfer.
+///
+/// Errors: an index outside its tensor.
+pub fn record_scalar<R: Runtime>(
+    device: &Device<R>,
+    dst: &mut GpuTensor<R, f32>,
+    dst_index: usize,
+    src: &GpuTensor<R, f32>,
+    src_index: usize,
+    accumulate: bool,
+) -> Result<()> {
+    if dst_index >= dst.numel() || src_index >= src.numel() {
+        return Err(crate::Error::InvalidArgument {
+            op: "record_scalar",
+            message: format!(
+                "index {dst_index} of {} elements ← index {src_index} of {}",
+                dst.numel(),
+                src.numel()
+            ),
+        });
+    }
+    // SAFETY: both indices were checked against the tensors' lengths; one unit runs.
+    unsafe {
+        record_scalar_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(1),
+            dst.as_array_arg(),
+            src.as_array_arg(),
+            dst_index as u32,
+            src_index as u32,
+            accumulate,
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn fill<R: Runtime, E: Element>(
     device: &Device<R>,
     out: &GpuTensor<R, E>,

@@ -38,6 +38,10 @@ impl<R: Runtime, E: Element> fmt::Debug for GpuTensor<R, E> {
     }
 }
 
+/// The byte alignment a [`GpuTensor::rows_view`] must start at: wgpu's
+/// `min_storage_buffer_offset_alignment` default (256), the largest any backend asks for.
+pub const VIEW_ALIGN_BYTES: u64 = 256;
+
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -167,6 +171,43 @@ impl<R: Runtime, E: Element> GpuTensor<R, E> {
             });
         }
         Ok(Self::from_handle(self.handle.clone(), shape))
+    }
+
+    /// Rows `start .. start + count` of the tensor read as `[rows, last_dim]`: a view of the same
+    /// memory (no copy) with shape `[count, last_dim]`, so kernels and GEMMs can work on a block
+    /// of rows (the chunked lm_head + cross-entropy does).
+    ///
+    /// Errors: rows out of range, and a start whose byte offset is not a multiple of
+    /// [`VIEW_ALIGN_BYTES`] (wgpu binds storage buffers only at such offsets; CUDA has no such
+    /// limit, but one rule for every backend keeps what runs on one valid on the other).
+    pub fn rows_view(&self, start: usize, count: usize) -> Result<Self> {
+        let (rows, cols) = (self.rows(), self.last_dim());
+        if start.checked_add(count).is_none_or(|end| end > rows) || count == 0 {
+            return Err(Error::InvalidArgument {
+                op: "rows_view",
+                message: format!("rows {start}..{} of a tensor of shape {:?}", start + count, self.shape),
+            });
+        }
+        let row_bytes = (cols * size_of::<E>()) as u64;
+        let offset = start as u64 * row_bytes;
+        if !offset.is_multiple_of(VIEW_ALIGN_BYTES) {
+            return Err(Error::InvalidArgument {
+                op: "rows_view",
+                message: format!(
+                    "row {start} starts at byte {offset}, not a multiple of {VIEW_ALIGN_BYTES} (rows of \
+                     {row_bytes} bytes)"
+                ),
+            });
+        }
+        let end = (rows - start - count) as u64 * row_bytes;
+        let mut handle = self.handle.clone();
+        if offset > 0 {
+            handle = handle.offset_start(offset);
+        }
+        if end > 0 {
+            handle = handle.offset_end(end);
+        }
+        Ok(Self::from_handle(handle, &[count, cols]))
     }
 
     /// The whole tensor as a flat kernel argument of scalars (`len` = numel). Kernels that read

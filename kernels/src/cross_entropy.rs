@@ -1,13 +1,20 @@
 //! Fused softmax cross-entropy: loss and its gradient with respect to the logits in one pass.
 //!
-//! Shapes: `logits`, `dlogits`: `[N, V]`; targets: `[N]` (N = B·T) with `-100` meaning "no
+//! Shapes: `logits`: `[N, V]`; targets: `[N]` (N = B·T) with `-100` meaning "no
 //! loss here" (prompt tokens in SFT, padding); `row_loss`: `[N]` f32; `loss`: `[1]` f32.
 //! Forward: `loss = (1/M) Σ_{n: target ≠ −100} (log Σ_v e^{logits[n,v]} − logits[n, target])`,
 //! M = number of counted rows (or the denominator the caller set, see
 //! [`Targets::with_denominator`]); `row_loss[n]` is row n's term (0 for ignored rows).
-//! Backward, written in the same pass: `dlogits[n] = (softmax(logits[n]) − onehot(target))/M`
-//! for counted rows, 0 for ignored ones (overwritten, `=`; it is the gradient of the mean loss,
-//! so it already carries the 1/M). With M = 0 the loss and the gradient are 0, not NaN.
+//! Backward, written in the same pass over the logits themselves (in place, as llm.c does: the
+//! logits are dead once their gradient exists, and `[N, V]` is a training step's largest
+//! activation): `dlogits[n] = (softmax(logits[n]) − onehot(target))/M` for counted rows, 0 for
+//! ignored ones (it is the gradient of the mean loss, so it already carries the 1/M). With M = 0
+//! the loss and the gradient are 0, not NaN.
+//!
+//! Row blocks: [`cross_entropy_rows_forward_backward`] and [`cross_entropy_rows_forward`] do the
+//! per-row part for a block of rows (with [`Targets::rows`]), and [`cross_entropy_mean`] the
+//! mean once every block's `row_loss` is written: the chunked lm_head + cross-entropy
+//! (`model::Llama::loss_backward`) never holds more than a block's logits.
 //!
 //! Numerics: max-subtracted (online softmax: one running max and rescaled sum per unit), f32
 //! accumulation. One cube per row: it reads the row twice (statistics, then gradient) and
@@ -25,6 +32,7 @@ use dsl::{
 pub const IGNORE_INDEX: i32 = -100;
 
 /// Targets checked against a vocabulary on upload, with the count of counted positions.
+#[derive(Clone)]
 pub struct Targets<R: Runtime> {
     /// `[N]`, each in `0..vocab_size` or [`IGNORE_INDEX`].
     pub targets: GpuTensor<R, i32>,
@@ -79,6 +87,15 @@ impl<R: Runtime> Targets<R> {
         self
     }
 
+    /// Rows `start .. start + count` (a view, no copy) with the same denominator and loss
+    /// scale, so blocks of rows add up to the whole batch's loss and gradient. `counted` is
+    /// left as the whole batch's (the host does not know which rows a block counts).
+    /// Errors as [`GpuTensor::rows_view`] (the start must be 64-row aligned).
+    pub fn rows(&self, start: usize, count: usize) -> Result<Self> {
+        let column = self.targets.reshape(&[self.len(), 1])?;
+        Ok(Self { targets: column.rows_view(start, count)?.reshape(&[count])?, ..self.clone() })
+    }
+
     /// Positions that count towards the loss (target ≠ −100).
     pub fn counted(&self) -> usize {
         self.counted
@@ -124,9 +141,8 @@ impl CrossEntropyConfig {
 
 #[cube(launch_unchecked)]
 fn cross_entropy_kernel<F: Float, N: Size>(
-    dlogits: &mut Array<Vector<F, N>>,
     row_loss: &mut Array<f32>,
-    logits: &Array<Vector<F, N>>,
+    logits: &mut Array<Vector<F, N>>,
     targets: &Array<i32>,
     rows: u32,
     vocab: u32,
@@ -149,17 +165,24 @@ fn cross_entropy_kernel<F: Float, N: Size>(
             s = ns;
             c += units;
         }
+        // Read before the reduction (a barrier): after it, other units overwrite the row.
+        let mut target_logit = f32::new(0.0);
+        if UNIT_POS == 0 && counted {
+            let t = target as usize;
+            target_logit = f32::cast_from(logits[base + t / N::value()][t % N::value()]);
+        }
         let (max, sum) = cube_max_sumexp(m, s, cfg.reduce());
         if UNIT_POS == 0 {
             let mut loss = f32::new(0.0);
             if counted {
-                let t = target as usize;
-                let target_logit = f32::cast_from(logits[base + t / N::value()][t % N::value()]);
                 loss = f32::ln(sum) + max - target_logit;
             }
             row_loss[row] = loss;
         }
         if comptime!(cfg.write_grad) {
+            // In place: every unit has read its share of the row for the statistics above,
+            // and the cube reduction is a barrier, so no statistic reads an overwritten value;
+            // each element below is read, then written, by the same unit.
             // Ignored rows get scale 0 (and no one-hot): their gradient is exactly 0.
             let scale = select(counted, grad_scale, f32::new(0.0));
             let target_index = select(counted, target as u32, u32::MAX);
@@ -172,7 +195,7 @@ fn cross_entropy_kernel<F: Float, N: Size>(
                 for k in 0..N::value() {
                     p[k] -= f32::cast_from((c * N::value() + k) as u32 == target_index);
                 }
-                dlogits[base + c] = Vector::cast_from(p * Vector::new(scale));
+                logits[base + c] = Vector::cast_from(p * Vector::new(scale));
                 c += units;
             }
         }
@@ -206,8 +229,18 @@ fn check_shapes<R: Runtime, F: FloatElement>(
     logits: &GpuTensor<R, F>,
     targets: &Targets<R>,
     row_loss: &GpuTensor<R, f32>,
-    loss: &GpuTensor<R, f32>,
 ) -> Result<(usize, usize)> {
+    device_free_checks(op, logits, targets)?;
+    let &[rows, vocab] = logits.shape() else { unreachable!("checked above") };
+    Error::check_shape(op, "row_loss", row_loss.shape(), &[rows])?;
+    Ok((rows, vocab))
+}
+
+fn device_free_checks<R: Runtime, F: FloatElement>(
+    op: &'static str,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+) -> Result<()> {
     let &[rows, vocab] = logits.shape() else {
         return Err(Error::InvalidArgument {
             op,
@@ -224,35 +257,36 @@ fn check_shapes<R: Runtime, F: FloatElement>(
             ),
         });
     }
-    Error::check_shape(op, "row_loss", row_loss.shape(), &[rows])?;
-    Error::check_shape(op, "loss", loss.shape(), &[1])?;
-    Ok((rows, vocab))
+    Ok(())
 }
 
-fn launch<R: Runtime, F: FloatElement>(
+/// 1/denominator (0 when nothing counts), the factor the loss is multiplied by.
+fn loss_factor<R: Runtime>(targets: &Targets<R>) -> f32 {
+    if targets.denominator == 0 { 0.0 } else { 1.0 / targets.denominator as f32 }
+}
+
+fn rows_launch<R: Runtime, F: FloatElement>(
     device: &Device<R>,
-    loss: &mut GpuTensor<R, f32>,
-    dlogits: &GpuTensor<R, F>,
+    op: &'static str,
     row_loss: &mut GpuTensor<R, f32>,
     logits: &GpuTensor<R, F>,
     targets: &Targets<R>,
-    (rows, vocab): (usize, usize),
-    cfg: CrossEntropyConfig,
+    write_grad: bool,
 ) -> Result<()> {
-    let scale = if targets.denominator == 0 { 0.0 } else { 1.0 / targets.denominator as f32 };
+    device.check_dtype::<F>(op)?;
+    let (rows, vocab) = check_shapes(op, logits, targets, row_loss)?;
+    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), write_grad);
     // 1/denominator, then the loss scale: with scale 1 exactly the unscaled gradient.
-    let grad_scale = scale * targets.loss_scale;
+    let grad_scale = loss_factor(targets) * targets.loss_scale;
     if rows > 0 && vocab > 0 {
         // SAFETY: rows are guarded by `row < rows`, columns by `c < V/vec` (vec divides V);
-        // the target read is at t < V (validated on upload, ignored rows skip it); dlogits is
-        // only written when it is a full [N, V] tensor (write_grad).
+        // the target read is at t < V (validated on upload, ignored rows skip it).
         unsafe {
             cross_entropy_kernel::launch_unchecked::<F, R>(
                 device.client(),
                 CubeCount::Static(device.grid_cubes(rows), 1, 1),
                 CubeDim::new_1d(cfg.units),
                 cfg.vector_size,
-                dlogits.as_array_arg(),
                 row_loss.as_array_arg(),
                 logits.as_array_arg(),
                 targets.targets.as_array_arg(),
@@ -263,6 +297,27 @@ fn launch<R: Runtime, F: FloatElement>(
             );
         }
     }
+    Ok(())
+}
+
+/// `loss[0] = Σ row_loss / denominator`, summed in a fixed order (bit-identical run to run).
+/// `row_loss` `[N]` holds every row's term, `targets` gives the denominator (a view from
+/// [`Targets::rows`] gives the whole batch's).
+pub fn cross_entropy_mean<R: Runtime>(
+    device: &Device<R>,
+    loss: &mut GpuTensor<R, f32>,
+    row_loss: &GpuTensor<R, f32>,
+    targets: &Targets<R>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_mean";
+    Error::check_shape(OP, "loss", loss.shape(), &[1])?;
+    if row_loss.shape().len() != 1 {
+        return Err(Error::InvalidArgument {
+            op: OP,
+            message: format!("row_loss must be [N], got shape {:?}", row_loss.shape()),
+        });
+    }
+    let rows = row_loss.numel();
     let units = cube_units(device, 256);
     // SAFETY: reads are guarded by `i < rows`; loss has one element, written by unit 0.
     unsafe {
@@ -273,32 +328,27 @@ fn launch<R: Runtime, F: FloatElement>(
             loss.as_array_arg(),
             row_loss.as_array_arg(),
             rows as u32,
-            scale,
+            loss_factor(targets),
             CubeReduce::new(units, device.info().plane_reduce(units)),
         );
     }
     Ok(())
 }
 
-/// Training: `loss =` the mean over counted rows, `dlogits =` its gradient, `row_loss =` each
-/// row's term.
+/// Training: `row_loss =` each row's term, `loss =` their mean over counted rows, and the
+/// logits overwritten by their gradient (`dlogits`, in place).
 pub fn cross_entropy_forward_backward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
     loss: &mut GpuTensor<R, f32>,
-    dlogits: &mut GpuTensor<R, F>,
     row_loss: &mut GpuTensor<R, f32>,
-    logits: &GpuTensor<R, F>,
+    logits: &mut GpuTensor<R, F>,
     targets: &Targets<R>,
 ) -> Result<()> {
-    const OP: &str = "cross_entropy_forward_backward";
-    device.check_dtype::<F>(OP)?;
-    let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
-    Error::check_shape(OP, "dlogits", dlogits.shape(), logits.shape())?;
-    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), true);
-    launch(device, loss, dlogits, row_loss, logits, targets, (rows, vocab), cfg)
+    cross_entropy_rows_forward_backward(device, row_loss, logits, targets)?;
+    cross_entropy_mean(device, loss, row_loss, targets)
 }
 
-/// Evaluation: `loss` and `row_loss` only, no gradient.
+/// Evaluation: `loss` and `row_loss` only; the logits are left as they are.
 pub fn cross_entropy_forward<R: Runtime, F: FloatElement>(
     device: &Device<R>,
     loss: &mut GpuTensor<R, f32>,
@@ -306,11 +356,30 @@ pub fn cross_entropy_forward<R: Runtime, F: FloatElement>(
     logits: &GpuTensor<R, F>,
     targets: &Targets<R>,
 ) -> Result<()> {
-    const OP: &str = "cross_entropy_forward";
-    device.check_dtype::<F>(OP)?;
-    let (rows, vocab) = check_shapes(OP, logits, targets, row_loss, loss)?;
-    let cfg = CrossEntropyConfig::select::<R, F>(device, vocab.max(1), false);
-    // The kernel never writes dlogits here; it still needs a binding of the right type.
-    let unused = GpuTensor::<R, F>::uninit(device, &[cfg.vector_size])?;
-    launch(device, loss, &unused, row_loss, logits, targets, (rows, vocab), cfg)
+    cross_entropy_rows_forward(device, row_loss, logits, targets)?;
+    cross_entropy_mean(device, loss, row_loss, targets)
+}
+
+/// The per-row part of [`cross_entropy_forward_backward`] for a block of rows (`logits`
+/// `[rows, V]`, `row_loss` `[rows]`, `targets` from [`Targets::rows`]): `row_loss =` the rows'
+/// terms (not yet divided), logits overwritten by their gradient (already divided by the whole
+/// batch's denominator and multiplied by the loss scale).
+pub fn cross_entropy_rows_forward_backward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    row_loss: &mut GpuTensor<R, f32>,
+    logits: &mut GpuTensor<R, F>,
+    targets: &Targets<R>,
+) -> Result<()> {
+    rows_launch(device, "cross_entropy_forward_backward", row_loss, logits, targets, true)
+}
+
+/// The per-row part of [`cross_entropy_forward`] for a block of rows.
+pub fn cross_entropy_rows_forward<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    row_loss: &mut GpuTensor<R, f32>,
+    logits: &GpuTensor<R, F>,
+    targets: &Targets<R>,
+) -> Result<()> {
+    // The kernel binds the logits writable but writes them only with `write_grad`.
+    rows_launch(device, "cross_entropy_forward", row_loss, logits, targets, false)
 }

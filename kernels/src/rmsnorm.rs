@@ -9,6 +9,16 @@
 //! `dweight += Σ_rows dout · x · rstd`           (accumulated, `+=`; `dweight` may be f32 while
 //!                                              the rest is f16/bf16, for f32 gradients)
 //!
+//! Fused with the residual add (llm.c's `fused_residual_forward`): [`rmsnorm_forward_residual`]
+//! first adds `residual` into `x` (`x += residual`, the stream update) and normalises the sum,
+//! so the stream is read once for both; [`rmsnorm_backward_accumulate`] adds `dx` into the
+//! residual gradient (`dx +=`) instead of overwriting it, folding the backward's residual add
+//! in. The forward rounds the sum to the storage type before normalising it, so it gives the
+//! unfused pair's bits. The backward rounds the branch gradient to the storage type before
+//! adding it: in f16/bf16 that too gives the unfused bits; in f32 (no rounding between them)
+//! the compiler may contract the add into the products' multiply-adds, so the sum agrees with
+//! the unfused one to a rounding of the sum (seen: 1 ulp on lavapipe).
+//!
 //! Numerics: whatever the storage type, each element is widened to f32 on load and every sum
 //! is f32; results are rounded to the storage type once, on store. (Hugging Face rounds
 //! `x · rstd` to the input dtype before multiplying by the weight; in f32 the two agree.)
@@ -67,12 +77,14 @@ impl RmsNormConfig {
 fn rmsnorm_forward_kernel<F: Float, N: Size>(
     out: &mut Array<Vector<F, N>>,
     rstd: &mut Array<f32>,
-    x: &Array<Vector<F, N>>,
+    x: &mut Array<Vector<F, N>>,
+    residual: &Array<Vector<F, N>>,
     weight: &Array<Vector<F, N>>,
     rows: u32,
     cols: u32,
     eps: f32,
     #[comptime] cfg: RmsNormConfig,
+    #[comptime] add_residual: bool,
 ) {
     let units = cfg.layout.units as usize;
     let row_vectors = cols as usize / N::value();
@@ -87,7 +99,13 @@ fn rmsnorm_forward_kernel<F: Float, N: Size>(
         for s in 0..cfg.layout.slots {
             let c = tid + s as usize * units;
             if c < row_vectors {
-                let v = Vector::<f32, N>::cast_from(x[base + c]);
+                let mut v = Vector::<f32, N>::cast_from(x[base + c]);
+                if comptime!(add_residual) {
+                    // Round the sum to F first: the norm sees what the stream stores.
+                    let sum = Vector::<F, N>::cast_from(v + Vector::<f32, N>::cast_from(residual[base + c]));
+                    x[base + c] = sum;
+                    v = Vector::<f32, N>::cast_from(sum);
+                }
                 xs[s as usize] = v;
                 sum_sq += f32::cast_from((v * v).vector_sum());
             }
@@ -122,6 +140,7 @@ fn rmsnorm_backward_kernel<F: Float, N: Size>(
     rows: u32,
     cols: u32,
     #[comptime] cfg: RmsNormConfig,
+    #[comptime] accumulate: bool,
 ) {
     let units = cfg.layout.units as usize;
     let row_vectors = cols as usize / N::value();
@@ -159,7 +178,14 @@ fn rmsnorm_backward_kernel<F: Float, N: Size>(
         for s in 0..cfg.layout.slots {
             let c = tid + s as usize * units;
             if c < row_vectors {
-                dx[base + c] = Vector::cast_from(rv * gs[s as usize] - xs[s as usize] * coef);
+                let d = Vector::<F, N>::cast_from(rv * gs[s as usize] - xs[s as usize] * coef);
+                if comptime!(accumulate) {
+                    // The branch gradient rounded to F, then added: as the unfused pair.
+                    let sum = Vector::<f32, N>::cast_from(dx[base + c]) + Vector::<f32, N>::cast_from(d);
+                    dx[base + c] = Vector::cast_from(sum);
+                } else {
+                    dx[base + c] = d;
+                }
             }
         }
         row += CUBE_COUNT;
@@ -233,14 +259,65 @@ pub fn rmsnorm_forward_with<R: Runtime, F: FloatElement>(
     eps: f32,
     cfg: RmsNormConfig,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_forward";
-    device.check_dtype::<F>(OP)?;
-    let (rows, cols) = check_row_shapes(OP, x, weight, rstd)?;
-    Error::check_shape(OP, "out", out.shape(), x.shape())?;
+    forward_launch(device, "rmsnorm_forward", out, rstd, x, None, weight, eps, cfg)
+}
+
+/// The residual add and the RMSNorm after it, in one pass: `x += residual` (rounded to `F`),
+/// then `out = rmsnorm(x) · weight` and `rstd` as [`rmsnorm_forward`]. `residual` has `x`'s
+/// shape. Same bits as [`crate::residual::residual_add`] followed by [`rmsnorm_forward`].
+pub fn rmsnorm_forward_residual<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    rstd: &mut GpuTensor<R, f32>,
+    x: &mut GpuTensor<R, F>,
+    residual: &GpuTensor<R, F>,
+    weight: &GpuTensor<R, F>,
+    eps: f32,
+) -> Result<()> {
+    let cfg = RmsNormConfig::select::<R, F>(device, x.last_dim())?;
+    rmsnorm_forward_residual_with(device, out, rstd, x, residual, weight, eps, cfg)
+}
+
+/// [`rmsnorm_forward_residual`] with an explicit configuration.
+pub fn rmsnorm_forward_residual_with<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    out: &mut GpuTensor<R, F>,
+    rstd: &mut GpuTensor<R, f32>,
+    x: &mut GpuTensor<R, F>,
+    residual: &GpuTensor<R, F>,
+    weight: &GpuTensor<R, F>,
+    eps: f32,
+    cfg: RmsNormConfig,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_forward_residual";
+    Error::check_shape(OP, "residual", residual.shape(), x.shape())?;
+    forward_launch(device, OP, out, rstd, x, Some(residual), weight, eps, cfg)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_launch<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    op: &'static str,
+    out: &mut GpuTensor<R, F>,
+    rstd: &mut GpuTensor<R, f32>,
+    x: &GpuTensor<R, F>,
+    residual: Option<&GpuTensor<R, F>>,
+    weight: &GpuTensor<R, F>,
+    eps: f32,
+    cfg: RmsNormConfig,
+) -> Result<()> {
+    device.check_dtype::<F>(op)?;
+    let (rows, cols) = check_row_shapes(op, x, weight, rstd)?;
+    Error::check_shape(op, "out", out.shape(), x.shape())?;
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    cfg.validate(device, OP, cols)?;
+    cfg.validate(device, op, cols)?;
+    // Without a residual the kernel neither reads that binding nor writes `x`; the weight stands
+    // in for it (bound twice read-only, which every backend allows; `x` may not be, as wgpu
+    // forbids a buffer bound writable and read-only in one dispatch).
+    let add_residual = residual.is_some();
+    let residual = residual.unwrap_or(weight);
     // SAFETY: every access is guarded: rows by `row < rows`, columns by `c < cols / N`, and
     // `cfg.validate` ensured N divides cols; buffer lengths match the checked shapes.
     unsafe {
@@ -252,11 +329,13 @@ pub fn rmsnorm_forward_with<R: Runtime, F: FloatElement>(
             out.as_array_arg(),
             rstd.as_array_arg(),
             x.as_array_arg(),
+            residual.as_array_arg(),
             weight.as_array_arg(),
             rows as u32,
             cols as u32,
             eps,
             cfg,
+            add_residual,
         );
     }
     Ok(())
@@ -290,7 +369,27 @@ pub fn rmsnorm_backward<R: Runtime, F: FloatElement, G: FloatElement>(
     rmsnorm_backward_with(device, dx, dweight, scratch, dout, x, weight, rstd, cfg)
 }
 
-/// RMSNorm backward with an explicit configuration.
+/// RMSNorm backward that adds into `dx` (`dx +=`, `dweight +=`): the input gradient of a
+/// normalised branch added onto the residual stream's gradient, the backward of
+/// [`rmsnorm_forward_residual`]. Same bits as [`rmsnorm_backward`] into a scratch tensor followed
+/// by [`crate::residual::residual_add`] in f16/bf16; in f32 within a rounding of the sum (see
+/// the module notes).
+pub fn rmsnorm_backward_accumulate<R: Runtime, F: FloatElement, G: FloatElement>(
+    device: &Device<R>,
+    dx: &mut GpuTensor<R, F>,
+    dweight: &mut GpuTensor<R, G>,
+    scratch: &mut GpuTensor<R, f32>,
+    dout: &GpuTensor<R, F>,
+    x: &GpuTensor<R, F>,
+    weight: &GpuTensor<R, F>,
+    rstd: &GpuTensor<R, f32>,
+) -> Result<()> {
+    let cfg = RmsNormConfig::select::<R, F>(device, x.last_dim())?;
+    backward_launch(device, "rmsnorm_backward_accumulate", dx, dweight, scratch, dout, x, weight, rstd, cfg, true)
+}
+
+/// RMSNorm backward with an explicit configuration; `accumulate` as
+/// [`rmsnorm_backward_accumulate`].
 pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement, G: FloatElement>(
     device: &Device<R>,
     dx: &mut GpuTensor<R, F>,
@@ -302,16 +401,32 @@ pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement, G: FloatElement>(
     rstd: &GpuTensor<R, f32>,
     cfg: RmsNormConfig,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm_backward";
-    device.check_dtype::<F>(OP)?;
-    device.check_dtype::<G>(OP)?;
-    let (rows, cols) = check_row_shapes(OP, x, weight, rstd)?;
-    Error::check_shape(OP, "dout", dout.shape(), x.shape())?;
-    Error::check_shape(OP, "dx", dx.shape(), x.shape())?;
-    Error::check_shape(OP, "dweight", dweight.shape(), &[cols])?;
+    backward_launch(device, "rmsnorm_backward", dx, dweight, scratch, dout, x, weight, rstd, cfg, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_launch<R: Runtime, F: FloatElement, G: FloatElement>(
+    device: &Device<R>,
+    op: &'static str,
+    dx: &mut GpuTensor<R, F>,
+    dweight: &mut GpuTensor<R, G>,
+    scratch: &mut GpuTensor<R, f32>,
+    dout: &GpuTensor<R, F>,
+    x: &GpuTensor<R, F>,
+    weight: &GpuTensor<R, F>,
+    rstd: &GpuTensor<R, f32>,
+    cfg: RmsNormConfig,
+    accumulate: bool,
+) -> Result<()> {
+    device.check_dtype::<F>(op)?;
+    device.check_dtype::<G>(op)?;
+    let (rows, cols) = check_row_shapes(op, x, weight, rstd)?;
+    Error::check_shape(op, "dout", dout.shape(), x.shape())?;
+    Error::check_shape(op, "dx", dx.shape(), x.shape())?;
+    Error::check_shape(op, "dweight", dweight.shape(), &[cols])?;
     if scratch.shape().len() != 2 || scratch.shape()[1] != cols || scratch.shape()[0] == 0 {
         return Err(Error::ShapeMismatch {
-            op: OP,
+            op,
             tensor: "scratch",
             expected: vec![rmsnorm_backward_scratch_rows(device, rows), cols],
             actual: scratch.shape().to_vec(),
@@ -320,7 +435,7 @@ pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement, G: FloatElement>(
     if rows == 0 || cols == 0 {
         return Ok(());
     }
-    cfg.validate(device, OP, cols)?;
+    cfg.validate(device, op, cols)?;
     // Each cube owns one partial row, so there are exactly as many cubes as partial rows used.
     let cubes = scratch.shape()[0].min(rows).min(device.info().max_cube_count_x as usize);
     let row_vectors = cols / cfg.vector_size;
@@ -341,6 +456,7 @@ pub fn rmsnorm_backward_with<R: Runtime, F: FloatElement, G: FloatElement>(
             rows as u32,
             cols as u32,
             cfg,
+            accumulate,
         );
     }
     let units = dsl::ELEMENTWISE_UNITS;

@@ -6,11 +6,93 @@
 //! residual stream between the sub-blocks, and the MLP's gate, up and SwiGLU output. The
 //! residual stream entering each layer is kept too (`stream[l]`; `stream[L]` feeds the final
 //! norm). Nothing is recomputed.
+//!
+//! The logits are the exception to "saved": a training step computes them a block of rows at a
+//! time ([`HeadChunk`]) and overwrites each block with its gradient, so `[B·T, V]` (at 16k
+//! tokens × 32000 × 4 bytes, 2 GB: a Llama 2 step's largest activation) never exists whole.
 
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use cubecl::Runtime;
 use dsl::{Device, FloatElement, GpuTensor};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// How many rows of logits the lm_head and cross-entropy compute at a time (Liger's fused
+/// linear cross-entropy): for each block, logits → loss and their gradient in place → the
+/// block's input gradient and its lm_head weight-gradient term. The loss and every gradient
+/// but lm_head's are bit-identical to [`HeadChunk::Full`]; lm_head's gradient sums the blocks'
+/// terms in another order (f32 round-off; the tests state the tolerance).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadChunk {
+    /// Blocks about as large as a hidden activation `[B·T, C]` (`B·T / ⌈V/C⌉` rows, rounded up
+    /// to a multiple of [`HeadChunk::ROW_MULTIPLE`]), as Liger sizes them.
+    #[default]
+    Auto,
+    /// All `B·T` rows at once: the logits are kept whole (what evaluation and the tests that
+    /// read logits use).
+    Full,
+    /// Blocks of this many rows (a positive multiple of [`HeadChunk::ROW_MULTIPLE`]).
+    Rows(usize),
+}
+
+impl HeadChunk {
+    /// Blocks start at multiples of this many rows, so every block's views of the hidden
+    /// states, targets and per-row losses start on [`dsl::VIEW_ALIGN_BYTES`].
+    pub const ROW_MULTIPLE: usize = 128;
+
+    /// Rows per block for `tokens` rows of `config` (at most `tokens`).
+    ///
+    /// Errors: `Rows(r)` with `r` zero or not a multiple of [`Self::ROW_MULTIPLE`].
+    pub fn rows(self, config: &LlamaConfig, tokens: usize) -> Result<usize> {
+        let rows = match self {
+            Self::Full => tokens,
+            Self::Auto => {
+                let blocks = config.vocab_size.div_ceil(config.hidden_size.max(1)).max(1);
+                tokens.div_ceil(blocks).next_multiple_of(Self::ROW_MULTIPLE)
+            }
+            Self::Rows(r) if r > 0 && r.is_multiple_of(Self::ROW_MULTIPLE) => r,
+            Self::Rows(r) => {
+                return Err(ModelError::Input {
+                    op: "HeadChunk",
+                    message: format!(
+                        "lm_head chunk of {r} rows: must be a positive multiple of {}",
+                        Self::ROW_MULTIPLE
+                    ),
+                });
+            }
+        };
+        Ok(rows.min(tokens).max(1))
+    }
+}
+
+impl fmt::Display for HeadChunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Full => write!(f, "full"),
+            Self::Rows(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl FromStr for HeadChunk {
+    type Err = String;
+
+    /// `auto`, `full`, or a row count.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "full" | "off" => Ok(Self::Full),
+            n => n
+                .parse()
+                .map(Self::Rows)
+                .map_err(|_| format!("`{s}`: expected auto, full, or a number of rows")),
+        }
+    }
+}
 
 /// The tensors one layer saves in the forward.
 pub struct LayerActivations<R: Runtime, F: FloatElement> {
@@ -41,14 +123,16 @@ pub struct Activations<R: Runtime, F: FloatElement> {
     pub k_proj: GpuTensor<R, F>,
     pub rstd_final: GpuTensor<R, f32>,
     pub normed_final: GpuTensor<R, F>,
+    /// `[head_rows, V]`: the logits of one block of rows (all of them with [`HeadChunk::Full`]);
+    /// after a training loss, their gradient (written in place).
     pub logits: GpuTensor<R, F>,
-    pub dlogits: GpuTensor<R, F>,
+    /// Rows of logits per block (see [`HeadChunk`]); `batch · seq` when kept whole.
+    pub head_rows: usize,
     pub row_loss: GpuTensor<R, f32>,
     /// `[1]`: the mean cross-entropy over counted targets.
     pub loss: GpuTensor<R, f32>,
     // Backward scratch.
     pub d_stream: GpuTensor<R, F>,
-    pub d_branch: GpuTensor<R, F>,
     pub d_normed: GpuTensor<R, F>,
     pub d_attn: GpuTensor<R, F>,
     pub d_q_rot: GpuTensor<R, F>,
@@ -63,14 +147,15 @@ pub struct Activations<R: Runtime, F: FloatElement> {
     pub norm_scratch: GpuTensor<R, f32>,
 }
 
-/// Bytes of [`Activations`] for `batch × seq` with `param_bytes`-wide elements and an RMSNorm
-/// backward scratch of `norm_scratch_rows` rows (see
-/// [`kernels::rmsnorm::rmsnorm_backward_scratch_rows`]).
+/// Bytes of [`Activations`] for `batch × seq` with `param_bytes`-wide elements, logits blocks
+/// of `head_rows` rows (see [`HeadChunk::rows`]) and an RMSNorm backward scratch of
+/// `norm_scratch_rows` rows (see [`kernels::rmsnorm::rmsnorm_backward_scratch_rows`]).
 pub fn activation_bytes_with(
     config: &LlamaConfig,
     batch: usize,
     seq: usize,
     param_bytes: usize,
+    head_rows: usize,
     norm_scratch_rows: usize,
 ) -> usize {
     let n = batch * seq;
@@ -80,20 +165,27 @@ pub fn activation_bytes_with(
     let layers = config.num_hidden_layers;
     let per_layer = n * (3 * c + 2 * qd + 2 * kvd + 3 * i) * param_bytes + 4 * n * (2 + hq);
     let stream = (layers + 1) * n * c * param_bytes;
-    let forward_scratch = n * (qd + kvd + c + 2 * v) * param_bytes + 4 * (2 * n + 1);
+    let forward_scratch = (n * (qd + kvd + c) + head_rows * v) * param_bytes + 4 * (2 * n + 1);
     let backward_scratch =
-        n * (3 * c + 3 * qd + 3 * kvd + 3 * i) * param_bytes + 4 * (n * hq + norm_scratch_rows * c);
+        n * (2 * c + 3 * qd + 3 * kvd + 3 * i) * param_bytes + 4 * (n * hq + norm_scratch_rows * c);
     layers * per_layer + stream + forward_scratch + backward_scratch
 }
 
-/// [`activation_bytes_with`] with the RMSNorm scratch an H100 gets (4 rows per SM, 132 SMs).
-pub fn activation_bytes(config: &LlamaConfig, batch: usize, seq: usize, param_bytes: usize) -> usize {
-    activation_bytes_with(config, batch, seq, param_bytes, (batch * seq).clamp(1, 4 * 132))
-}
-
 impl<R: Runtime, F: FloatElement> Activations<R, F> {
-    /// Allocates every buffer for `batch` sequences of `seq` tokens.
+    /// Allocates every buffer for `batch` sequences of `seq` tokens, with the logits kept whole
+    /// ([`HeadChunk::Full`]: what evaluation and inspection want).
     pub fn new(device: &Device<R>, config: &LlamaConfig, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_head(device, config, batch, seq, HeadChunk::Full)
+    }
+
+    /// As [`Self::new`], with the logits computed `head` rows at a time (training).
+    pub fn with_head(
+        device: &Device<R>,
+        config: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        head: HeadChunk,
+    ) -> Result<Self> {
         if batch == 0 || seq == 0 {
             return Err(ModelError::Input {
                 op: "Activations::new",
@@ -110,6 +202,7 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
             });
         }
         let n = batch * seq;
+        let head_rows = head.rows(config, n)?;
         let (c, i, v) = (config.hidden_size, config.intermediate_size, config.vocab_size);
         let (hq, hkv, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
         let hidden = [batch, seq, c];
@@ -148,12 +241,11 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
             k_proj: f(&kv_shape)?,
             rstd_final: f32s(&rows)?,
             normed_final: f(&hidden)?,
-            logits: f(&[n, v])?,
-            dlogits: f(&[n, v])?,
+            logits: f(&[head_rows, v])?,
+            head_rows,
             row_loss: f32s(&rows)?,
             loss: f32s(&[1])?,
             d_stream: f(&hidden)?,
-            d_branch: f(&hidden)?,
             d_normed: f(&hidden)?,
             d_attn: f(&q_shape)?,
             d_q_rot: f(&q_shape)?,
@@ -174,6 +266,17 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
         self.batch * self.seq
     }
 
+    /// Whether the logits are kept whole (one block of every row).
+    pub fn keeps_logits(&self) -> bool {
+        self.head_rows == self.tokens()
+    }
+
+    /// The blocks of rows the head works on: `(start, rows)` pairs covering `0..tokens`.
+    pub fn head_blocks(&self) -> impl Iterator<Item = (usize, usize)> + use<R, F> {
+        let (n, rows) = (self.tokens(), self.head_rows);
+        (0..n).step_by(rows).map(move |start| (start, rows.min(n - start)))
+    }
+
     /// Device bytes held, summed over the buffers actually allocated.
     pub fn size_bytes(&self) -> usize {
         let layer = |l: &LayerActivations<R, F>| {
@@ -188,9 +291,7 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
             &self.k_proj,
             &self.normed_final,
             &self.logits,
-            &self.dlogits,
             &self.d_stream,
-            &self.d_branch,
             &self.d_normed,
             &self.d_attn,
             &self.d_q_rot,

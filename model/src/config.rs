@@ -427,13 +427,15 @@ impl LlamaConfig {
     /// Bytes a training step at `batch × seq` holds on the device when computing in a type of
     /// `compute_bytes` per element: the parameters, the f32 master copy (`master`), the weight
     /// gradients (always f32), AdamW's two f32 moments, and the saved activations and scratch of
-    /// [`crate::Activations`].
+    /// [`crate::Activations`] with logits blocks of `head_rows` rows (see
+    /// [`crate::activations::HeadChunk::rows`]; `batch · seq` keeps them whole).
     pub fn training_memory(
         &self,
         batch: usize,
         seq: usize,
         compute_bytes: usize,
         master: bool,
+        head_rows: usize,
     ) -> MemoryEstimate {
         let params = self.parameter_count();
         MemoryEstimate {
@@ -441,7 +443,14 @@ impl LlamaConfig {
             master: if master { params * 4 } else { 0 },
             gradients: params * 4,
             optimizer: params * 8,
-            activations: crate::activations::activation_bytes(self, batch, seq, compute_bytes),
+            activations: crate::activations::activation_bytes_with(
+                self,
+                batch,
+                seq,
+                compute_bytes,
+                head_rows,
+                (batch * seq).clamp(1, 4 * 132),
+            ),
         }
     }
 }
@@ -595,12 +604,13 @@ impl fmt::Display for LlamaConfig {
         )?;
         writeln!(f, "parameters: {} ({})", human_count(self.parameter_count()), self.parameter_count())?;
         let context = self.max_position_embeddings;
+        let head_rows = crate::activations::HeadChunk::Auto.rows(self, context).unwrap_or(context);
         for (label, dtype, bytes, master) in [
             ("f32", "f32", 4, false),
             ("bf16, f32 master weights (--master-weights f32)", "bf16", 2, true),
             ("bf16, no master (--master-weights none)", "bf16", 2, false),
         ] {
-            let m = self.training_memory(1, context, bytes, master);
+            let m = self.training_memory(1, context, bytes, master, head_rows);
             writeln!(f, "training step, batch 1 × {context} tokens, {label}: {}", m.describe(dtype))?;
         }
         Ok(())

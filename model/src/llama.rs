@@ -2,7 +2,9 @@
 //!
 //! Forward: embedding → per layer [RMSNorm → q, k, v projections → RoPE on q, k → causal GQA
 //! attention → o projection → residual add → RMSNorm → gate, up projections → SwiGLU → down
-//! projection → residual add] → RMSNorm → lm_head → cross-entropy. The backward walks it in
+//! projection → residual add] → RMSNorm → lm_head → cross-entropy. Each residual add runs fused
+//! with the RMSNorm after it, and the training head in blocks of rows (see
+//! [`crate::activations::HeadChunk`]). The backward walks it in
 //! reverse and adds every parameter's gradient into a [`Params`] of gradients (`+=`, so
 //! micro-batches accumulate; zero it first for a fresh step).
 
@@ -13,13 +15,22 @@ use crate::params::Params;
 use cubecl::Runtime;
 use dsl::{Device, FloatElement, GpuTensor};
 use kernels::attention::{attention_backward, attention_forward};
-use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
+use kernels::cross_entropy::{
+    Targets, cross_entropy_forward, cross_entropy_forward_backward, cross_entropy_mean,
+    cross_entropy_rows_forward, cross_entropy_rows_forward_backward,
+};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::matmul::{linear_backward_input, linear_backward_weight, linear_forward};
-use kernels::residual::residual_add;
-use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use kernels::rmsnorm::{
+    rmsnorm_backward, rmsnorm_backward_accumulate, rmsnorm_forward, rmsnorm_forward_residual,
+};
 use kernels::rope::{RopeTable, rope_backward, rope_forward};
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
+
+/// Elements `start .. start + rows` of a one-dimensional tensor, as a view.
+fn rows_of<R: Runtime>(t: &GpuTensor<R, f32>, (start, rows): (usize, usize)) -> Result<GpuTensor<R, f32>> {
+    Ok(t.reshape(&[t.numel(), 1])?.rows_view(start, rows)?.reshape(&[rows])?)
+}
 
 /// A Llama model on one device: its configuration, parameters and RoPE table.
 pub struct Llama<R: Runtime, F: FloatElement> {
@@ -100,25 +111,33 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
         Ok(())
     }
 
-    /// Runs the network on `ids` up to the logits (`acts.logits`, `[B·T, V]`), saving what
-    /// the backward needs.
+    /// Runs the network on `ids`, saving what the backward needs, up to the logits
+    /// (`acts.logits`, `[B·T, V]`) when the activations keep them whole; with a chunked head
+    /// ([`crate::activations::HeadChunk`]) up to the final norm, the logits being computed block
+    /// by block in [`Self::loss`] or [`Self::loss_backward`].
+    ///
+    /// Each residual add is fused with the RMSNorm that reads its sum
+    /// ([`rmsnorm_forward_residual`]); the last one with the final norm.
     pub fn forward(&self, device: &Device<R>, acts: &mut Activations<R, F>, ids: &TokenIds<R>) -> Result<()> {
         self.check_batch(acts, ids)?;
         let p = &self.params;
         let eps = self.config.rms_norm_eps as f32;
+        let layers = self.config.num_hidden_layers;
         embedding_forward(device, &mut acts.stream[0], ids, p.embed())?;
-        for l in 0..self.config.num_hidden_layers {
+        match acts.layers.first_mut() {
+            Some(a) => {
+                let w = p.layer(0, LayerWeight::InputNorm);
+                rmsnorm_forward(device, &mut a.normed_attn, &mut a.rstd_attn, &acts.stream[0], w, eps)?;
+            }
+            None => {
+                rmsnorm_forward(device, &mut acts.normed_final, &mut acts.rstd_final, &acts.stream[0], p.norm(), eps)?
+            }
+        }
+        for l in 0..layers {
             let (before, after) = acts.stream.split_at_mut(l + 1);
             let (x, out) = (&before[l], &mut after[0]);
-            let a = &mut acts.layers[l];
-            rmsnorm_forward(
-                device,
-                &mut a.normed_attn,
-                &mut a.rstd_attn,
-                x,
-                p.layer(l, LayerWeight::InputNorm),
-                eps,
-            )?;
+            let (current, next) = acts.layers.split_at_mut(l + 1);
+            let a = &mut current[l];
             linear_forward(
                 device,
                 &mut heads_merged(&acts.q_proj)?,
@@ -135,14 +154,15 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
             rope_forward(device, &mut a.q_rot, &acts.q_proj, &self.rope, 0)?;
             rope_forward(device, &mut a.k_rot, &acts.k_proj, &self.rope, 0)?;
             attention_forward(device, &mut a.attn, &mut a.lse, &a.q_rot, &a.k_rot, &a.v, true)?;
-            // mid = x + o_proj(attn), computed as o_proj(attn) += x (the same f32 sum).
+            // mid = x + o_proj(attn), computed as o_proj(attn) += x (the same f32 sum), fused
+            // with the post-attention norm that reads it.
             linear_forward(device, &mut a.mid, &heads_merged(&a.attn)?, p.layer(l, LayerWeight::O))?;
-            residual_add(device, &mut a.mid, x)?;
-            rmsnorm_forward(
+            rmsnorm_forward_residual(
                 device,
                 &mut a.normed_mlp,
                 &mut a.rstd_mlp,
-                &a.mid,
+                &mut a.mid,
+                x,
                 p.layer(l, LayerWeight::PostAttentionNorm),
                 eps,
             )?;
@@ -150,18 +170,68 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
             linear_forward(device, &mut a.up, &a.normed_mlp, p.layer(l, LayerWeight::Up))?;
             swiglu_forward(device, &mut a.act, &a.gate, &a.up)?;
             linear_forward(device, out, &a.act, p.layer(l, LayerWeight::Down))?;
-            residual_add(device, out, &a.mid)?;
+            // stream[l+1] = mid + down(…), fused with the norm that reads it: the next layer's
+            // input norm, or the final norm.
+            let (normed, rstd, weight) = match next.first_mut() {
+                Some(b) => (&mut b.normed_attn, &mut b.rstd_attn, p.layer(l + 1, LayerWeight::InputNorm)),
+                None => (&mut acts.normed_final, &mut acts.rstd_final, p.norm()),
+            };
+            rmsnorm_forward_residual(device, normed, rstd, out, &a.mid, weight, eps)?;
         }
-        let last = &acts.stream[self.config.num_hidden_layers];
-        rmsnorm_forward(device, &mut acts.normed_final, &mut acts.rstd_final, last, p.norm(), eps)?;
-        let logits_in = acts.normed_final.reshape(&[acts.tokens(), self.config.hidden_size])?;
-        linear_forward(device, &mut acts.logits, &logits_in, p.lm_head())?;
+        if acts.keeps_logits() {
+            let logits_in = acts.normed_final.reshape(&[acts.tokens(), self.config.hidden_size])?;
+            linear_forward(device, &mut acts.logits, &logits_in, p.lm_head())?;
+        }
+        Ok(())
+    }
+
+    fn check_targets(&self, acts: &Activations<R, F>, targets: &Targets<R>) -> Result<()> {
+        if targets.len() != acts.tokens() {
+            return Err(ModelError::Input {
+                op: "Llama::loss",
+                message: format!("{} targets for {} positions", targets.len(), acts.tokens()),
+            });
+        }
+        Ok(())
+    }
+
+    /// The logits of head block `(start, rows)` into `acts.logits` (its first `rows` rows),
+    /// returned as a view.
+    fn block_logits(
+        &self,
+        device: &Device<R>,
+        acts: &Activations<R, F>,
+        (start, rows): (usize, usize),
+    ) -> Result<GpuTensor<R, F>> {
+        let c = self.config.hidden_size;
+        let normed = acts.normed_final.reshape(&[acts.tokens(), c])?.rows_view(start, rows)?;
+        let mut logits = acts.logits.rows_view(0, rows)?;
+        linear_forward(device, &mut logits, &normed, self.params.lm_head())?;
+        Ok(logits)
+    }
+
+    /// Backward through lm_head for block `(start, rows)` whose logits hold their gradient:
+    /// its rows of `d_normed` (`=`) and its term of lm_head's gradient (`+=`).
+    fn block_head_backward<G: FloatElement>(
+        &self,
+        device: &Device<R>,
+        acts: &Activations<R, F>,
+        dlogits: &GpuTensor<R, F>,
+        (start, rows): (usize, usize),
+        grads: &mut Params<R, G>,
+    ) -> Result<()> {
+        let (n, c) = (acts.tokens(), self.config.hidden_size);
+        let normed = acts.normed_final.reshape(&[n, c])?.rows_view(start, rows)?;
+        let mut d_normed = acts.d_normed.reshape(&[n, c])?.rows_view(start, rows)?;
+        linear_backward_input(device, &mut d_normed, dlogits, self.params.lm_head(), false)?;
+        linear_backward_weight(device, grads.lm_head_mut(), dlogits, &normed)?;
         Ok(())
     }
 
     /// The mean cross-entropy of the logits against `targets` into `acts.loss` (and each
-    /// position's into `acts.row_loss`); with `with_grad`, also its gradient for
-    /// [`Self::backward`].
+    /// position's into `acts.row_loss`). With `with_grad` (logits kept whole only), the logits
+    /// are overwritten by their gradient for [`Self::backward`]; with a chunked head use
+    /// [`Self::loss_backward`], which computes the loss and the gradients together.
     pub fn loss(
         &self,
         device: &Device<R>,
@@ -169,31 +239,74 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
         targets: &Targets<R>,
         with_grad: bool,
     ) -> Result<()> {
-        if targets.len() != acts.tokens() {
-            return Err(ModelError::Input {
-                op: "Llama::loss",
-                message: format!("{} targets for {} positions", targets.len(), acts.tokens()),
-            });
+        self.check_targets(acts, targets)?;
+        if acts.keeps_logits() {
+            if with_grad {
+                cross_entropy_forward_backward(
+                    device,
+                    &mut acts.loss,
+                    &mut acts.row_loss,
+                    &mut acts.logits,
+                    targets,
+                )?;
+            } else {
+                cross_entropy_forward(device, &mut acts.loss, &mut acts.row_loss, &acts.logits, targets)?;
+            }
+            return Ok(());
         }
         if with_grad {
-            cross_entropy_forward_backward(
-                device,
-                &mut acts.loss,
-                &mut acts.dlogits,
-                &mut acts.row_loss,
-                &acts.logits,
-                targets,
-            )?;
-        } else {
-            cross_entropy_forward(device, &mut acts.loss, &mut acts.row_loss, &acts.logits, targets)?;
+            return Err(ModelError::Input {
+                op: "Llama::loss",
+                message: "the logits are computed in blocks (a chunked head): use loss_backward, which \
+                          computes the loss and the gradients together"
+                    .into(),
+            });
         }
+        let blocks: Vec<_> = acts.head_blocks().collect();
+        for block in blocks {
+            let logits = self.block_logits(device, acts, block)?;
+            let mut row_loss = rows_of(&acts.row_loss, block)?;
+            cross_entropy_rows_forward(device, &mut row_loss, &logits, &targets.rows(block.0, block.1)?)?;
+        }
+        cross_entropy_mean(device, &mut acts.loss, &acts.row_loss, targets)?;
         Ok(())
+    }
+
+    /// The training loss and its gradient in one call: [`Self::loss`] with the gradient, then
+    /// [`Self::backward`], computing the logits (with a chunked head) a block at a time: each
+    /// block's logits → its rows' loss and, in place, their gradient → its rows of the final
+    /// norm's input gradient and its term of lm_head's gradient. `ids` must be those of the
+    /// forward; gradients are added into `grads` as [`Self::backward`] does.
+    pub fn loss_backward<G: FloatElement>(
+        &self,
+        device: &Device<R>,
+        acts: &mut Activations<R, F>,
+        targets: &Targets<R>,
+        ids: &TokenIds<R>,
+        grads: &mut Params<R, G>,
+    ) -> Result<()> {
+        if acts.keeps_logits() {
+            self.loss(device, acts, targets, true)?;
+            return self.backward(device, acts, ids, grads);
+        }
+        self.check_batch(acts, ids)?;
+        self.check_targets(acts, targets)?;
+        let blocks: Vec<_> = acts.head_blocks().collect();
+        for block in blocks {
+            let mut logits = self.block_logits(device, acts, block)?;
+            let mut row_loss = rows_of(&acts.row_loss, block)?;
+            let block_targets = targets.rows(block.0, block.1)?;
+            cross_entropy_rows_forward_backward(device, &mut row_loss, &mut logits, &block_targets)?;
+            self.block_head_backward(device, acts, &logits, block, grads)?;
+        }
+        cross_entropy_mean(device, &mut acts.loss, &acts.row_loss, targets)?;
+        self.backward_body(device, acts, ids, grads)
     }
 
     /// Adds the gradient of the loss of the last [`Self::loss`] (with `with_grad`) into
     /// `grads`. `ids` must be those of the forward. `grads` may be f32 under f16/bf16 compute
     /// (`G` ≠ `F`): every weight gradient is then summed and stored in f32 (activation
-    /// gradients stay in `F`).
+    /// gradients stay in `F`). Needs the logits kept whole (else [`Self::loss_backward`]).
     pub fn backward<G: FloatElement>(
         &self,
         device: &Device<R>,
@@ -202,16 +315,29 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
         grads: &mut Params<R, G>,
     ) -> Result<()> {
         self.check_batch(acts, ids)?;
-        let p = &self.params;
-        let c = self.config.hidden_size;
-        let n = acts.tokens();
-        let layers = self.config.num_hidden_layers;
+        if !acts.keeps_logits() {
+            return Err(ModelError::Input {
+                op: "Llama::backward",
+                message: "the logits are computed in blocks (a chunked head): use loss_backward".into(),
+            });
+        }
+        let whole = (0, acts.tokens());
+        self.block_head_backward(device, acts, &acts.logits, whole, grads)?;
+        self.backward_body(device, acts, ids, grads)
+    }
 
-        // Head: logits = norm(stream[L])·lm_headᵀ.
-        let normed_final = acts.normed_final.reshape(&[n, c])?;
-        let mut d_normed = acts.d_normed.reshape(&[n, c])?;
-        linear_backward_input(device, &mut d_normed, &acts.dlogits, p.lm_head(), false)?;
-        linear_backward_weight(device, grads.lm_head_mut(), &acts.dlogits, &normed_final)?;
+    /// The backward from the final norm's output gradient (`acts.d_normed`) down to the
+    /// embedding. Each branch's input-norm backward adds into the residual stream's gradient
+    /// ([`rmsnorm_backward_accumulate`]), the backward of the fused residual add.
+    fn backward_body<G: FloatElement>(
+        &self,
+        device: &Device<R>,
+        acts: &mut Activations<R, F>,
+        ids: &TokenIds<R>,
+        grads: &mut Params<R, G>,
+    ) -> Result<()> {
+        let p = &self.params;
+        let layers = self.config.num_hidden_layers;
         rmsnorm_backward(
             device,
             &mut acts.d_stream,
@@ -251,9 +377,9 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 &a.normed_mlp,
             )?;
             linear_backward_weight(device, grads.layer_mut(l, LayerWeight::Up), &acts.d_up, &a.normed_mlp)?;
-            rmsnorm_backward(
+            rmsnorm_backward_accumulate(
                 device,
-                &mut acts.d_branch,
+                &mut acts.d_stream,
                 grads.layer_mut(l, LayerWeight::PostAttentionNorm),
                 &mut acts.norm_scratch,
                 &acts.d_normed,
@@ -261,7 +387,6 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 p.layer(l, LayerWeight::PostAttentionNorm),
                 &a.rstd_mlp,
             )?;
-            residual_add(device, &mut acts.d_stream, &acts.d_branch)?;
 
             // Attention: mid = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x).
             let attn = heads_merged(&a.attn)?;
@@ -297,9 +422,9 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
             linear_backward_weight(device, grads.layer_mut(l, LayerWeight::Q), &d_q, &a.normed_attn)?;
             linear_backward_weight(device, grads.layer_mut(l, LayerWeight::K), &d_k, &a.normed_attn)?;
             linear_backward_weight(device, grads.layer_mut(l, LayerWeight::V), &d_v, &a.normed_attn)?;
-            rmsnorm_backward(
+            rmsnorm_backward_accumulate(
                 device,
-                &mut acts.d_branch,
+                &mut acts.d_stream,
                 grads.layer_mut(l, LayerWeight::InputNorm),
                 &mut acts.norm_scratch,
                 &acts.d_normed,
@@ -307,7 +432,6 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 p.layer(l, LayerWeight::InputNorm),
                 &a.rstd_attn,
             )?;
-            residual_add(device, &mut acts.d_stream, &acts.d_branch)?;
         }
         embedding_backward(device, grads.embed_mut(), &acts.d_stream, ids)?;
         Ok(())

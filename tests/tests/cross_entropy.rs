@@ -1,7 +1,10 @@
 //! Fused cross-entropy against the f64 reference; ignored positions really are ignored.
 
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
-use kernels::cross_entropy::{IGNORE_INDEX, Targets, cross_entropy_forward, cross_entropy_forward_backward};
+use kernels::cross_entropy::{
+    IGNORE_INDEX, Targets, cross_entropy_forward, cross_entropy_forward_backward, cross_entropy_mean,
+    cross_entropy_rows_forward, cross_entropy_rows_forward_backward,
+};
 use kernels::reference::cross_entropy as reference;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -92,11 +95,16 @@ fn check<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Resul
     let what = |t: &str| format!("{t} [{} {case:?}]", F::DTYPE);
     let targets = Targets::upload(dev, &d.targets, vocab).map_err(fail)?;
     let logits = upload::<R, F>(dev, &d.logits, &[rows, vocab])?;
+    // The evaluation path first (it leaves the logits as they are), then the training path,
+    // which overwrites them with their gradient.
+    let mut eval_loss = nan_tensor::<R, f32>(dev, &[1])?;
+    let mut eval_rows = nan_tensor::<R, f32>(dev, &[rows])?;
+    cross_entropy_forward(dev, &mut eval_loss, &mut eval_rows, &logits, &targets).map_err(fail)?;
+    prop_assert_eq!(download(dev, &logits)?, download(dev, &upload::<R, F>(dev, &d.logits, &[rows, vocab])?)?);
     let mut loss = nan_tensor::<R, f32>(dev, &[1])?;
     let mut row_loss = nan_tensor::<R, f32>(dev, &[rows])?;
-    let mut dlogits = nan_tensor::<R, F>(dev, &[rows, vocab])?;
-    cross_entropy_forward_backward(dev, &mut loss, &mut dlogits, &mut row_loss, &logits, &targets)
-        .map_err(fail)?;
+    let mut dlogits = logits.clone();
+    cross_entropy_forward_backward(dev, &mut loss, &mut row_loss, &mut dlogits, &targets).map_err(fail)?;
     let got_loss = download(dev, &loss)?;
     // Loss and per-row losses are f32 whatever F is (computed from F-rounded logits).
     check_close_scaled(&what("loss"), &got_loss, &[want_loss], &[loss_magnitude], &[1], f32_tol)
@@ -121,8 +129,6 @@ fn check<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Resul
     .map_err(TestCaseError::fail)?;
 
     // The evaluation path computes the same loss, bit for bit.
-    let mut eval_loss = nan_tensor::<R, f32>(dev, &[1])?;
-    cross_entropy_forward(dev, &mut eval_loss, &mut row_loss, &logits, &targets).map_err(fail)?;
     let eval = download(dev, &eval_loss)?;
     prop_assert_eq!(eval[0].to_bits(), got_loss[0].to_bits(), "forward-only loss differs from the fused one");
     Ok(())
@@ -162,8 +168,8 @@ fn run_ce<R: BackendRuntime>(
     let x = GpuTensor::<R, f32>::from_f64(dev, logits, &[rows, vocab]).unwrap();
     let mut loss = GpuTensor::<R, f32>::zeros(dev, &[1]).unwrap();
     let mut row_loss = GpuTensor::<R, f32>::zeros(dev, &[rows]).unwrap();
-    let mut grad = GpuTensor::<R, f32>::full(dev, &[rows, vocab], f32::NAN).unwrap();
-    cross_entropy_forward_backward(dev, &mut loss, &mut grad, &mut row_loss, &x, &t).unwrap();
+    let mut grad = x;
+    cross_entropy_forward_backward(dev, &mut loss, &mut row_loss, &mut grad, &t).unwrap();
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     (loss.to_vec(dev).unwrap()[0].to_bits(), bits(grad.to_vec(dev).unwrap()))
 }
@@ -230,19 +236,64 @@ fn bad_input<R: BackendRuntime>(dev: &Device<R>) {
     );
     assert!(Targets::<R>::upload(dev, &[10], 10).is_err(), "target == vocab is out of range");
     let t = Targets::<R>::upload(dev, &[1, 2], 10).unwrap();
-    let logits = GpuTensor::<R, f32>::zeros(dev, &[2, 12]).unwrap();
     let (mut loss, mut row_loss) =
         (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::zeros(dev, &[2]).unwrap());
     let mut grad = GpuTensor::<R, f32>::zeros(dev, &[2, 12]).unwrap();
-    let err =
-        cross_entropy_forward_backward(dev, &mut loss, &mut grad, &mut row_loss, &logits, &t).unwrap_err();
+    let err = cross_entropy_forward_backward(dev, &mut loss, &mut row_loss, &mut grad, &t).unwrap_err();
     assert!(err.to_string().contains("vocabulary of 10, but logits have 12 columns"), "{err}");
-    let logits = GpuTensor::<R, f32>::zeros(dev, &[3, 10]).unwrap();
     let mut grad = GpuTensor::<R, f32>::zeros(dev, &[3, 10]).unwrap();
     let mut row_loss3 = GpuTensor::zeros(dev, &[3]).unwrap();
-    let err =
-        cross_entropy_forward_backward(dev, &mut loss, &mut grad, &mut row_loss3, &logits, &t).unwrap_err();
+    let err = cross_entropy_forward_backward(dev, &mut loss, &mut row_loss3, &mut grad, &t).unwrap_err();
     assert!(matches!(err, Error::ShapeMismatch { tensor: "targets", .. }), "{err}");
+}
+
+/// Blocks of rows (as the chunked lm_head computes them) give the whole batch's loss and
+/// gradient to the bit, forward-only and in place, with the last block shorter than the others.
+fn row_blocks<R: BackendRuntime>(dev: &Device<R>) {
+    let (rows, vocab, block) = (300, 257, 128);
+    let mut rng = DataRng::new(11);
+    let logits = rng.normals(rows * vocab, 0.0, 3.0);
+    let targets: Vec<i32> =
+        (0..rows as i32).map(|r| if r % 7 == 3 { IGNORE_INDEX } else { (r * 31) % vocab as i32 }).collect();
+    // A denominator and loss scale not the block's own: the blocks must carry the batch's.
+    let t = Targets::upload(dev, &targets, vocab).unwrap().with_denominator(500).with_loss_scale(8.0);
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    let upload = || GpuTensor::<R, f32>::from_f64(dev, &logits, &[rows, vocab]).unwrap();
+    let (mut whole_loss, mut whole_rows) =
+        (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::zeros(dev, &[rows]).unwrap());
+    let mut whole = upload();
+    cross_entropy_forward_backward(dev, &mut whole_loss, &mut whole_rows, &mut whole, &t).unwrap();
+
+    for with_grad in [false, true] {
+        let (mut loss, row_loss) =
+            (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::<R, f32>::zeros(dev, &[rows]).unwrap());
+        let blocks = upload();
+        for start in (0..rows).step_by(block) {
+            let n = block.min(rows - start);
+            let mut x = blocks.rows_view(start, n).unwrap();
+            let mut r = row_loss.reshape(&[rows, 1]).unwrap().rows_view(start, n).unwrap().reshape(&[n]).unwrap();
+            let bt = t.rows(start, n).unwrap();
+            if with_grad {
+                cross_entropy_rows_forward_backward(dev, &mut r, &mut x, &bt).unwrap();
+            } else {
+                cross_entropy_rows_forward(dev, &mut r, &x, &bt).unwrap();
+            }
+        }
+        cross_entropy_mean(dev, &mut loss, &row_loss, &t).unwrap();
+        assert_eq!(bits(loss.to_vec(dev).unwrap()), bits(whole_loss.to_vec(dev).unwrap()), "loss");
+        assert_eq!(bits(row_loss.to_vec(dev).unwrap()), bits(whole_rows.to_vec(dev).unwrap()), "row_loss");
+        if with_grad {
+            assert!(bits(blocks.to_vec(dev).unwrap()) == bits(whole.to_vec(dev).unwrap()), "dlogits differ");
+        }
+    }
+    // Blocks must start on an aligned row: 100 rows of 4 bytes is 400 bytes, not a multiple of 256.
+    let err = t.rows(100, 50).err().expect("unaligned start");
+    assert!(err.to_string().contains("not a multiple of 256"), "{err}");
+}
+
+#[test]
+fn cross_entropy_in_row_blocks_equals_the_whole_batch() {
+    on_test_backend!(row_blocks);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! parameter gradient), the reference against finite differences, and the configuration.
 
 use dsl::{BackendRuntime, Device};
-use model::activations::activation_bytes_with;
+use model::activations::{HeadChunk, activation_bytes_with};
 use model::reference::loss_and_grads;
 use model::{Activations, Llama, LlamaConfig, Params};
 use proptest::prelude::*;
@@ -68,10 +68,12 @@ fn check_case<R: BackendRuntime>(dev: &Device<R>, case: &Case) -> Result<(), Tes
         let ids = model.token_ids(dev, &ids, batch, seq)?;
         let targets = model.targets(dev, &targets)?;
         model.forward(dev, &mut acts, &ids)?;
+        // Read before the loss: the training loss overwrites the logits with their gradient.
+        let logits = acts.logits.to_f64_vec(dev)?;
         model.loss(dev, &mut acts, &targets, true)?;
         model.backward(dev, &mut acts, &ids, &mut grads)?;
         let grads = grads.tensors().iter().map(|g| g.to_f64_vec(dev)).collect::<dsl::Result<Vec<_>>>()?;
-        Ok((model.read_loss(dev, &acts)?, acts.logits.to_f64_vec(dev)?, grads))
+        Ok((model.read_loss(dev, &acts)?, logits, grads))
     };
     let (loss, logits, grads) = run().map_err(|e| TestCaseError::fail(e.to_string()))?;
     let loss_err = (loss as f64 - want.loss).abs();
@@ -128,6 +130,67 @@ fn backward_adds_into_the_gradients() {
     on_test_backend!(accumulates);
 }
 
+/// The chunked head (logits a block of rows at a time, each block's gradient in place) gives
+/// the whole-logits loss and every gradient but lm_head's to the bit; lm_head's gradient sums
+/// the blocks' terms in another order, so it agrees to f32 round-off (normwise 1e-6). Two
+/// configurations, untied and tied (the tied table also carries the embedding's gradient),
+/// with ignored positions and a last block shorter than the others.
+fn chunked_head<R: BackendRuntime>(dev: &Device<R>) {
+    for (tied, seed) in [(false, 21u64), (true, 22)] {
+        let mut config = models::tiny_config(61, 32, 48, 2, 2, 1, 16);
+        config.tie_word_embeddings = tied;
+        let host = to_f32(&random_params(&config, seed));
+        let model =
+            Llama::new(dev, config.clone(), Params::<R, f32>::from_host(dev, &config, &host).unwrap()).unwrap();
+        let (batch, seq) = (5, 60);
+        let (ids, targets) = random_tokens(config.vocab_size, batch * seq, Some(3), seed);
+        let ids = model.token_ids(dev, &ids, batch, seq).unwrap();
+        let targets = model.targets(dev, &targets).unwrap();
+        let run = |head: HeadChunk| {
+            let mut acts = Activations::<R, f32>::with_head(dev, &config, batch, seq, head).unwrap();
+            let mut grads = Params::<R, f32>::zeros(dev, &config).unwrap();
+            model.forward(dev, &mut acts, &ids).unwrap();
+            model.loss_backward(dev, &mut acts, &targets, &ids, &mut grads).unwrap();
+            let loss = model.read_loss(dev, &acts).unwrap();
+            let rows = acts.row_loss.to_vec(dev).unwrap();
+            // The evaluation loss of the same activations, forward only.
+            model.forward(dev, &mut acts, &ids).unwrap();
+            model.loss(dev, &mut acts, &targets, false).unwrap();
+            let eval = model.read_loss(dev, &acts).unwrap();
+            let grads: Vec<Vec<f32>> = grads.tensors().iter().map(|g| g.to_vec(dev).unwrap()).collect();
+            (loss.to_bits(), eval.to_bits(), rows.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), grads)
+        };
+        let whole = run(HeadChunk::Full);
+        let blocks = run(HeadChunk::Rows(128));
+        assert_eq!(blocks.0, whole.0, "training loss (tied {tied})");
+        assert_eq!(blocks.1, whole.1, "evaluation loss (tied {tied})");
+        assert_eq!(whole.0, whole.1, "training and evaluation losses (tied {tied})");
+        assert!(blocks.2 == whole.2, "per-position losses differ (tied {tied})");
+        let lm_head = config.parameters().len() - 1;
+        for (i, spec) in config.parameters().iter().enumerate() {
+            let (got, want) = (&blocks.3[i], &whole.3[i]);
+            let head_grad = (tied && i == 0) || (!tied && i == lm_head);
+            if head_grad {
+                let (got, want): (Vec<f64>, Vec<f64>) =
+                    (got.iter().map(|&v| v as f64).collect(), want.iter().map(|&v| v as f64).collect());
+                check_close_scaled(&spec.name, &got, &want, &normwise(&want), &[got.len()], Tolerance {
+                    atol: 0.0,
+                    rtol: 1e-6,
+                })
+                .unwrap();
+            } else {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert!(bits(got) == bits(want), "gradient of {} differs (tied {tied})", spec.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn chunked_lm_head_gives_the_same_loss_and_gradients() {
+    on_test_backend!(chunked_head);
+}
+
 #[test]
 fn reference_model_gradients_match_finite_differences() {
     // Every parameter of two small configs (one tied, GQA 2:1, two layers), all positions.
@@ -159,10 +222,18 @@ fn reference_model_gradients_match_finite_differences() {
 fn sizes_match<R: BackendRuntime>(dev: &Device<R>) {
     let config = models::tiny_config(50, 48, 80, 3, 4, 2, 16);
     for (batch, seq) in [(1, 1), (2, 7), (3, 33)] {
-        let acts = Activations::<R, f32>::new(dev, &config, batch, seq).unwrap();
-        let rows = kernels::rmsnorm::rmsnorm_backward_scratch_rows(dev, batch * seq);
-        assert_eq!(acts.size_bytes(), activation_bytes_with(&config, batch, seq, 4, rows), "{batch}×{seq}");
+        let n = batch * seq;
+        let rows = kernels::rmsnorm::rmsnorm_backward_scratch_rows(dev, n);
+        for head in [HeadChunk::Full, HeadChunk::Auto, HeadChunk::Rows(128)] {
+            let acts = Activations::<R, f32>::with_head(dev, &config, batch, seq, head).unwrap();
+            let head_rows = head.rows(&config, n).unwrap();
+            assert_eq!(acts.head_rows, head_rows);
+            let want = activation_bytes_with(&config, batch, seq, 4, head_rows, rows);
+            assert_eq!(acts.size_bytes(), want, "{batch}×{seq}, {head}");
+        }
     }
+    let err = HeadChunk::Rows(100).rows(&config, 1000).err().expect("not a multiple of 128");
+    assert!(err.to_string().contains("positive multiple of 128"), "{err}");
     let err = Activations::<R, f32>::new(dev, &config, 1, 65).err().expect("longer than the context");
     assert!(err.to_string().contains("sequence length 65 exceeds the model's context"), "{err}");
 }

@@ -2,9 +2,10 @@
 
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
 use kernels::reference::rmsnorm as reference;
+use kernels::residual::residual_add;
 use kernels::rmsnorm::{
-    RmsNormConfig, rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_backward_with, rmsnorm_forward,
-    rmsnorm_forward_with,
+    RmsNormConfig, rmsnorm_backward, rmsnorm_backward_accumulate, rmsnorm_backward_scratch_rows,
+    rmsnorm_backward_with, rmsnorm_forward, rmsnorm_forward_residual, rmsnorm_forward_with,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -79,6 +80,23 @@ fn fail(e: Error) -> TestCaseError {
     TestCaseError::fail(format!("launch failed: {e}"))
 }
 
+/// The terms `dx = s·g − x·s³·mean(g·x)` is summed from, per element (rounding errors scale
+/// with them, see `check_close_scaled`).
+fn dx_magnitude(inp: &Inputs, rstd: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut magnitude = vec![0.0; rows * cols];
+    for r in 0..rows {
+        let (s, base) = (rstd[r], r * cols);
+        let mean_abs_gx =
+            (0..cols).map(|c| (inp.dout[base + c] * inp.weight[c] * inp.x[base + c]).abs()).sum::<f64>()
+                / cols as f64;
+        for c in 0..cols {
+            let i = base + c;
+            magnitude[i] = (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
+        }
+    }
+    magnitude
+}
+
 fn check_case<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Result<(), TestCaseError> {
     let (rows, cols) = (case.rows, case.cols);
     let inp = inputs::<F>(case);
@@ -100,18 +118,12 @@ fn check_case<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> 
 
     // Rounding errors scale with the terms a result is summed from (see `check_close_scaled`):
     // dx = s·g − x·s³·mean(g·x), dweight = before + Σ_rows dout·x·s.
-    let mut dx_magnitude = vec![0.0; rows * cols];
+    let dx_magnitude = dx_magnitude(&inp, &want_rstd, rows, cols);
     let mut dweight_magnitude: Vec<f64> = inp.dweight_before.iter().map(|v| v.abs()).collect();
     for r in 0..rows {
-        let (s, base) = (want_rstd[r], r * cols);
-        let mean_abs_gx =
-            (0..cols).map(|c| (inp.dout[base + c] * inp.weight[c] * inp.x[base + c]).abs()).sum::<f64>()
-                / cols as f64;
         for c in 0..cols {
-            let i = base + c;
-            dx_magnitude[i] =
-                (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
-            dweight_magnitude[c] += (inp.dout[i] * inp.x[i] * s).abs();
+            let i = r * cols + c;
+            dweight_magnitude[c] += (inp.dout[i] * inp.x[i] * want_rstd[r]).abs();
         }
     }
 
@@ -167,6 +179,78 @@ fn matches_reference<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
 }
 
 test_each_dtype!(matches_reference => rmsnorm_f32_matches_reference, rmsnorm_f16_matches_reference, rmsnorm_bf16_matches_reference_or_is_refused);
+
+/// The fused residual forms against the unfused pairs: `x += residual` then the norm (same
+/// bits), and the backward into a scratch tensor then `d_stream += scratch` (same bits in
+/// f16/bf16; in f32 within a rounding of the sum, see `kernels::rmsnorm`).
+fn check_fused<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Result<(), TestCaseError> {
+    let (rows, cols) = (case.rows, case.cols);
+    let shape = [rows, cols];
+    let inp = inputs::<F>(case);
+    let mut rng = DataRng::new(case.seed ^ 0x5eed);
+    let residual = F::round_all(&rng.normals(rows * cols, 0.0, case.x_scale));
+    let d_stream = F::round_all(&rng.normals(rows * cols, 0.0, 1.0));
+    let up = |v: &[f64], shape: &[usize]| GpuTensor::<R, F>::from_f64(dev, v, shape).map_err(fail);
+    let bits = |t: &GpuTensor<R, F>| -> Result<Vec<f64>, TestCaseError> {
+        // f64 images of F values are exact, so comparing them compares bits (NaN aside).
+        t.to_f64_vec(dev).map_err(fail)
+    };
+    let (weight, residual_t, dout) = (up(&inp.weight, &[cols])?, up(&residual, &shape)?, up(&inp.dout, &shape)?);
+    let eps = case.eps as f32;
+
+    let (mut x_fused, mut out_fused) = (up(&inp.x, &shape)?, up(&inp.x, &shape)?);
+    let mut rstd_fused = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
+    rmsnorm_forward_residual(dev, &mut out_fused, &mut rstd_fused, &mut x_fused, &residual_t, &weight, eps)
+        .map_err(fail)?;
+    let (mut x_plain, mut out_plain) = (up(&inp.x, &shape)?, up(&inp.x, &shape)?);
+    let mut rstd_plain = GpuTensor::<R, f32>::full(dev, &[rows], f32::NAN).map_err(fail)?;
+    residual_add(dev, &mut x_plain, &residual_t).map_err(fail)?;
+    rmsnorm_forward(dev, &mut out_plain, &mut rstd_plain, &x_plain, &weight, eps).map_err(fail)?;
+    prop_assert!(bits(&x_fused)? == bits(&x_plain)?, "fused stream sum differs ({case:?})");
+    prop_assert!(bits(&out_fused)? == bits(&out_plain)?, "fused norm output differs ({case:?})");
+    let rstd_bits = |t: &GpuTensor<R, f32>| t.to_vec(dev).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    prop_assert!(rstd_bits(&rstd_fused).map_err(fail)? == rstd_bits(&rstd_plain).map_err(fail)?, "rstd differs");
+
+    let scratch_rows = rmsnorm_backward_scratch_rows(dev, rows);
+    let mut scratch = GpuTensor::<R, f32>::zeros(dev, &[scratch_rows, cols]).map_err(fail)?;
+    let (mut ds_fused, mut dw_fused) = (up(&d_stream, &shape)?, up(&inp.dweight_before, &[cols])?);
+    rmsnorm_backward_accumulate(dev, &mut ds_fused, &mut dw_fused, &mut scratch, &dout, &x_plain, &weight, &rstd_plain)
+        .map_err(fail)?;
+    let (mut ds_plain, mut dw_plain) = (up(&d_stream, &shape)?, up(&inp.dweight_before, &[cols])?);
+    let mut branch = up(&vec![f64::NAN; rows * cols], &shape)?;
+    rmsnorm_backward(dev, &mut branch, &mut dw_plain, &mut scratch, &dout, &x_plain, &weight, &rstd_plain)
+        .map_err(fail)?;
+    residual_add(dev, &mut ds_plain, &branch).map_err(fail)?;
+    let (got, want) = (bits(&ds_fused)?, bits(&ds_plain)?);
+    if F::DTYPE == DType::F32 {
+        // No rounding between the branch gradient and the sum in f32, so the compiler may
+        // contract the add into the products' multiply-adds: a few roundings of the terms
+        // summed (the stream gradient and the branch's two products; 2⁻²¹ of them).
+        let x = bits(&x_plain)?;
+        let rstd: Vec<f64> = rstd_plain.to_vec(dev).map_err(fail)?.into_iter().map(f64::from).collect();
+        let plain_inputs = Inputs { x, ..inp };
+        let products = dx_magnitude(&plain_inputs, &rstd, rows, cols);
+        let magnitude: Vec<f64> = d_stream.iter().zip(&products).map(|(a, b)| a.abs() + b).collect();
+        let tol = Tolerance { atol: 0.0, rtol: 2f64.powi(-21) };
+        check_close_scaled("fused backward's stream gradient", &got, &want, &magnitude, &shape, tol)
+            .map_err(TestCaseError::fail)?;
+    } else {
+        prop_assert!(got == want, "fused backward's stream gradient differs ({case:?})");
+    }
+    prop_assert!(bits(&dw_fused)? == bits(&dw_plain)?, "fused backward's weight gradient differs ({case:?})");
+    Ok(())
+}
+
+fn fused_matches_unfused<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    run_property(&format!("rmsnorm fused residual {}", F::DTYPE), 12, cases(100), |case| {
+        check_fused::<R, F>(dev, &case)
+    });
+}
+
+test_each_dtype!(fused_matches_unfused => rmsnorm_fused_residual_f32_is_bit_identical, rmsnorm_fused_residual_f16_is_bit_identical, rmsnorm_fused_residual_bf16_is_bit_identical_or_is_refused);
 
 /// Llama-sized rows: one row of 4096 and a few of 11008 (multiple register slots per unit).
 fn llama_shapes<R: BackendRuntime>(dev: &Device<R>) {

@@ -4,6 +4,7 @@ use crate::data::TokenStream;
 use crate::error::Result;
 use cubecl::Runtime;
 use dsl::{Device, FloatElement};
+use model::activations::HeadChunk;
 use model::{Activations, Llama};
 use std::time::Instant;
 
@@ -35,7 +36,8 @@ pub fn evaluate<R: Runtime, F: FloatElement>(
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<EvalReport> {
     let total = stream.plan(batch, seq, batches)?;
-    let mut acts = Activations::<R, F>::new(device, &model.config, batch, seq)?;
+    // The logits a block of rows at a time: evaluation at Llama 2 scale holds no [B·T, V].
+    let mut acts = Activations::<R, F>::with_head(device, &model.config, batch, seq, HeadChunk::Auto)?;
     let start = Instant::now();
     let mut after_first = None;
     let mut loss_sum = 0.0f64;

@@ -169,6 +169,11 @@ impl<R: Runtime> Optimizer<R> {
         self.apply(device, params, grads, lr)
     }
 
+    /// The device tensor `[1]` holding the global gradient norm of the last [`Self::clip`].
+    pub fn grad_norm(&self) -> &GpuTensor<R, f32> {
+        &self.norm
+    }
+
     /// The global gradient norm (unscaled, before clipping) of the last [`Self::clip`].
     pub fn last_grad_norm(&self, device: &Device<R>) -> Result<f32> {
         Ok(self.norm.to_vec(device)?[0])

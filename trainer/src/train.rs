@@ -11,6 +11,13 @@
 //! - the rate at 0-indexed step `s` is [`Schedule::lr`]; the logged loss is the step's forward
 //!   loss before its update; the gradient norm is the global L2 norm before clipping.
 //!
+//! The host never waits inside a step: [`Trainer::queue_step`] launches a step's kernels and
+//! records its loss and gradient norm into a device buffer, and [`Trainer::read_steps`] reads
+//! every queued step's figures in one transfer (checking them, and naming the first step whose
+//! loss or norm is not finite). [`Trainer::step`] does both. The exception is f16 with dynamic
+//! loss scaling, whose skip-or-apply decision reads the norm every step (as torch's
+//! `GradScaler.step` does).
+//!
 //! A run directory holds the model in the Hugging Face layout plus `optimizer.safetensors`
 //! (AdamW's `m` and `v` per parameter) and `trainer_state.json` (step, data position, options,
 //! loss scale), all written together through [`model::checkpoint::save_with`]. The model files
@@ -31,6 +38,7 @@ use dsl::{DType, Device, FloatElement};
 use kernels::adamw::AdamW;
 use kernels::cross_entropy::IGNORE_INDEX;
 use model::checkpoint::{self, SaveOptions, StoredDType};
+use model::activations::HeadChunk;
 use model::{Activations, Llama, ModelError, Params};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -65,6 +73,11 @@ pub struct TrainOptions {
     /// checkpoints written before 2026-11-30 (which kept no master).
     #[serde(default)]
     pub precision: PrecisionOptions,
+    /// Rows of logits computed at a time (see [`HeadChunk`]). Absent in checkpoints written
+    /// before 2026-11-30 (which kept the logits whole: the loss is the same to the bit; lm_head's
+    /// gradient differs by f32 round-off).
+    #[serde(default)]
+    pub head_chunk: HeadChunk,
 }
 
 impl Default for TrainOptions {
@@ -87,6 +100,7 @@ impl Default for TrainOptions {
             val_fraction: 0.01,
             val_batches: 4,
             precision: PrecisionOptions::default(),
+            head_chunk: HeadChunk::Auto,
         }
     }
 }
@@ -171,6 +185,8 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens: usize,
+    /// Wall time per step, averaged over the steps read together (the host does not wait for
+    /// each step, so single steps have no time of their own).
     pub seconds: f64,
     pub tokens_per_s: f64,
     /// The update was skipped: the scaled gradients overflowed (the loss scale was halved).
@@ -233,6 +249,24 @@ impl<'a> From<&'a TokenStream> for TrainData<'a> {
     }
 }
 
+/// A step launched but not yet read (see [`Trainer::read_steps`]).
+#[derive(Clone, Debug)]
+struct QueuedStep {
+    step: u64,
+    lr: f64,
+    tokens: usize,
+    loss_scale: Option<f64>,
+    /// Known on the host already: a loss-scaled step decides on the host.
+    skipped: bool,
+}
+
+/// Steps whose figures the device buffer holds at most: [`Trainer::queue_step`] reads them
+/// when it is full.
+pub const MAX_QUEUED_STEPS: usize = 1024;
+
+/// The element of the figures buffer that validation sums into (after every step's pair).
+const VALIDATION_SLOT: usize = 2 * MAX_QUEUED_STEPS;
+
 enum Source {
     Stream { train: TokenStream, val: Option<TokenStream>, batches_per_epoch: u64 },
     Sft { train: SftBatches, val: Option<SftBatches> },
@@ -252,6 +286,12 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     acts: Activations<R, F>,
     optimizer: Optimizer<R>,
     source: Source,
+    /// `[MAX_QUEUED_STEPS + 1, 2]`: each queued step's loss and gradient norm, kept on the
+    /// device until [`Self::read_steps`], then the validation sum.
+    figures: dsl::GpuTensor<R, f32>,
+    queued: Vec<QueuedStep>,
+    /// When the figures were last read (the queued steps' time runs from here).
+    last_read: Instant,
 }
 
 /// The state saved in checkpoint `dir`.
@@ -349,7 +389,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             optimizer.keep_master(device, &model.params.to_host(device)?)?;
         }
         let grads = Params::zeros(device, &model.config)?;
-        let acts = Activations::new(device, &model.config, options.batch, options.seq_len)?;
+        let acts =
+            Activations::with_head(device, &model.config, options.batch, options.seq_len, options.head_chunk)?;
+        let figures = dsl::GpuTensor::zeros(device, &[MAX_QUEUED_STEPS + 1, 2])?;
         let state = TrainState {
             step: 0,
             micro_batches: 0,
@@ -364,7 +406,20 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             save_dtype: None,
         };
         let save_dtype = StoredDType::F32;
-        Ok(Self { model, options, state, tokenizer: None, save_dtype, grads, acts, optimizer, source })
+        Ok(Self {
+            model,
+            options,
+            state,
+            tokenizer: None,
+            save_dtype,
+            grads,
+            acts,
+            optimizer,
+            source,
+            figures,
+            queued: Vec::new(),
+            last_read: Instant::now(),
+        })
     }
 
     /// Sets the weights to `values` (f32, spec order): the f32 master copy, when one is kept,
@@ -422,6 +477,11 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         Ok(trainer)
     }
 
+    /// Rows of logits computed at a time (see [`HeadChunk`]).
+    pub fn head_rows(&self) -> usize {
+        self.acts.head_rows
+    }
+
     /// Tokens per optimizer step.
     pub fn tokens_per_step(&self) -> usize {
         self.options.batch * self.options.seq_len * self.options.grad_accum
@@ -462,76 +522,134 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 
     /// Forward (and backward with `with_grad`) over `batches`, each micro-batch's loss divided
-    /// by the positions counted in all of them: the returned sum is the mean over every counted
-    /// position, and the accumulated gradient is its gradient.
+    /// by the positions counted in all of them, so their sum is the mean over every counted
+    /// position and the accumulated gradient is its gradient. The sum is written on the device
+    /// into `self.figures` at index `slot` (added to what is there with `accumulate`); nothing
+    /// is read back.
     fn run_batches(
         &mut self,
         device: &Device<R>,
         batches: &[(Vec<u32>, Vec<i32>)],
         with_grad: bool,
-    ) -> Result<f64> {
+        slot: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let (b, t) = (self.options.batch, self.options.seq_len);
         let counted: usize =
             batches.iter().map(|(_, targets)| targets.iter().filter(|&&x| x != IGNORE_INDEX).count()).sum();
-        let mut loss = 0.0f64;
         let loss_scale = match (with_grad, self.state.loss_scale) {
             (true, Some(scaler)) => scaler.scale as f32,
             _ => 1.0,
         };
-        for (inputs, targets) in batches {
+        for (k, (inputs, targets)) in batches.iter().enumerate() {
+            // Uploads come from the memory pool: after the first step they reuse the pages the
+            // previous step's freed, so a step allocates no new device memory.
             let ids = self.model.token_ids(device, inputs, b, t)?;
             let targets =
                 self.model.targets(device, targets)?.with_denominator(counted).with_loss_scale(loss_scale);
             self.model.forward(device, &mut self.acts, &ids)?;
-            self.model.loss(device, &mut self.acts, &targets, with_grad)?;
             if with_grad {
-                self.model.backward(device, &mut self.acts, &ids, &mut self.grads)?;
+                self.model.loss_backward(device, &mut self.acts, &targets, &ids, &mut self.grads)?;
+            } else {
+                self.model.loss(device, &mut self.acts, &targets, false)?;
             }
-            loss += self.model.read_loss(device, &self.acts)? as f64;
+            dsl::record_scalar(device, &mut self.figures, slot, &self.acts.loss, 0, accumulate || k > 0)?;
         }
-        Ok(loss)
+        Ok(())
     }
 
-    /// One optimizer step: `grad_accum` micro-batches forward and backward, clip, AdamW. Under
-    /// loss scaling a step whose gradients overflowed changes no weight or moment (it is
+    /// Launches one optimizer step (`grad_accum` micro-batches forward and backward, clip,
+    /// AdamW) without waiting for it; its loss and gradient norm stay on the device until
+    /// [`Self::read_steps`]. Returns the figures it had to read: none, except when the queue is
+    /// full or the run scales its loss (then this step's and any queued before it).
+    ///
+    /// Under loss scaling a step whose gradients overflowed changes no weight or moment (it is
     /// reported `skipped` and the scale backs off); without it a non-finite gradient norm stops
-    /// the run.
-    pub fn step(&mut self, device: &Device<R>) -> Result<StepReport> {
-        let start = Instant::now();
+    /// the run when read.
+    pub fn queue_step(&mut self, device: &Device<R>) -> Result<Vec<StepReport>> {
+        let mut reports = Vec::new();
+        if self.queued.len() == MAX_QUEUED_STEPS {
+            reports = self.read_steps(device)?;
+        }
+        let slot = self.queued.len();
         self.grads.zero(device)?;
         let batches = self.next_micro_batches()?;
         let loss_scale = self.state.loss_scale.map(|s| s.scale);
-        let loss = self.run_batches(device, &batches, true)?;
+        self.run_batches(device, &batches, true, 2 * slot, false)?;
         let step = self.state.step;
-        if !loss.is_finite() {
-            return Err(TrainError::NonFinite { step, loss });
-        }
         let lr = self.options.schedule().lr(step);
         let unscale = loss_scale.map_or(1.0, |s| (1.0 / s) as f32);
         self.optimizer.clip(device, &self.grads, unscale)?;
-        let grad_norm = self.optimizer.last_grad_norm(device)? as f64;
-        let apply = match (&mut self.state.loss_scale, &self.options.precision.loss_scale) {
-            (Some(scaler), Some(options)) => scaler.update(options, grad_norm.is_finite()),
-            _ if !grad_norm.is_finite() => return Err(TrainError::NonFiniteGradient { step, grad_norm }),
-            _ => true,
-        };
+        dsl::record_scalar(device, &mut self.figures, 2 * slot + 1, self.optimizer.grad_norm(), 0, false)?;
+        let tokens = self.options.batch * self.options.seq_len * batches.len();
+        self.queued.push(QueuedStep { step, lr, tokens, loss_scale, skipped: false });
+        let mut apply = true;
+        if let (Some(scaler), Some(options)) = (&mut self.state.loss_scale, &self.options.precision.loss_scale) {
+            // The host decides whether to apply, so it must see the norm: read now.
+            let figures = self.figures.to_vec(device)?;
+            let finite = figures[2 * slot + 1].is_finite();
+            apply = scaler.update(options, finite);
+            self.queued[slot].skipped = !apply;
+        }
         if apply {
             self.optimizer.apply(device, &mut self.model.params, &self.grads, lr)?;
         }
         self.state.step += 1;
-        let seconds = start.elapsed().as_secs_f64();
-        let tokens = self.options.batch * self.options.seq_len * batches.len();
-        Ok(StepReport {
-            step,
-            loss,
-            lr,
-            grad_norm,
-            tokens,
-            seconds,
-            tokens_per_s: tokens as f64 / seconds.max(1e-9),
-            skipped: !apply,
-            loss_scale,
-        })
+        if self.state.loss_scale.is_some() {
+            reports.extend(self.read_steps(device)?);
+        }
+        Ok(reports)
+    }
+
+    /// Steps launched by [`Self::queue_step`] whose figures have not been read.
+    pub fn queued_steps(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Reads the figures of every queued step in one transfer (waiting for them to finish) and
+    /// returns them in order. The first step whose loss (or, without loss scaling, gradient
+    /// norm) is not finite is an error naming it: the run must stop, and no checkpoint may be
+    /// written from its weights.
+    pub fn read_steps(&mut self, device: &Device<R>) -> Result<Vec<StepReport>> {
+        if self.queued.is_empty() {
+            return Ok(Vec::new());
+        }
+        let figures = self.figures.to_vec(device)?;
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_read).as_secs_f64() / self.queued.len() as f64;
+        self.last_read = now;
+        let queued = std::mem::take(&mut self.queued);
+        let scaled = self.state.loss_scale.is_some();
+        let mut reports = Vec::with_capacity(queued.len());
+        for (i, q) in queued.into_iter().enumerate() {
+            let (loss, grad_norm) = (figures[2 * i] as f64, figures[2 * i + 1] as f64);
+            if !loss.is_finite() {
+                return Err(TrainError::NonFinite { step: q.step, loss });
+            }
+            if !scaled && !grad_norm.is_finite() {
+                return Err(TrainError::NonFiniteGradient { step: q.step, grad_norm });
+            }
+            reports.push(StepReport {
+                step: q.step,
+                loss,
+                lr: q.lr,
+                grad_norm,
+                tokens: q.tokens,
+                seconds,
+                tokens_per_s: q.tokens as f64 / seconds.max(1e-9),
+                skipped: q.skipped,
+                loss_scale: q.loss_scale,
+            });
+        }
+        Ok(reports)
+    }
+
+    /// One optimizer step, waited for and read: [`Self::queue_step`] then [`Self::read_steps`].
+    /// Returns the step's figures (steps queued before it are read too, and dropped).
+    pub fn step(&mut self, device: &Device<R>) -> Result<StepReport> {
+        let mut reports = self.queue_step(device)?;
+        reports.extend(self.read_steps(device)?);
+        Ok(reports.pop().expect("the step just queued is read"))
     }
 
     /// Loss over the first `val_batches` batches of the held-out data: the mean of the batches'
@@ -546,16 +664,18 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
                 let batches = (0..count)
                     .map(|k| val.batch(k, b, t, vocab))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
-                let mut sum = 0.0;
-                for batch in &batches {
-                    sum += self.run_batches(device, std::slice::from_ref(batch), false)?;
+                // Each batch's own mean, summed on the device.
+                for (k, batch) in batches.iter().enumerate() {
+                    self.run_batches(device, std::slice::from_ref(batch), false, VALIDATION_SLOT, k > 0)?;
                 }
+                let sum = self.figures.to_vec(device)?[VALIDATION_SLOT] as f64;
                 Ok(Some(sum / count as f64))
             }
             Source::Sft { val: Some(val), .. } => {
                 let count = val.micro_batches(0).min(wanted as u64);
                 let batches: Vec<_> = (0..count).map(|k| val.batch(0, k)).collect();
-                Ok(Some(self.run_batches(device, &batches, false)?))
+                self.run_batches(device, &batches, false, VALIDATION_SLOT, false)?;
+                Ok(Some(self.figures.to_vec(device)?[VALIDATION_SLOT] as f64))
             }
             _ => Ok(None),
         }
@@ -571,7 +691,16 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 
     /// Writes the model, optimizer state and trainer state to `dir` (atomically, as one).
+    ///
+    /// Errors when steps are queued unread ([`Self::read_steps`] first): their weights have not
+    /// been checked for a non-finite loss, and a checkpoint must never hold such weights.
     pub fn save(&self, device: &Device<R>, dir: &Path) -> Result<()> {
+        if !self.queued.is_empty() {
+            return Err(TrainError::Options(format!(
+                "save: {} queued steps have not been read (read_steps checks them first)",
+                self.queued.len()
+            )));
+        }
         let params = self.weights_to_host(device)?;
         let moments = self.optimizer.moments_to_host(device)?;
         let specs = self.model.params.specs();

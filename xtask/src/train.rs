@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use dsl::{BackendRuntime, DType, Device, FloatElement, OnDevice};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::checkpoint::StoredDType;
+use model::activations::HeadChunk;
 use model::{Llama, LlamaConfig, Params};
 use serde_json::json;
 use std::fs::OpenOptions;
@@ -148,6 +149,39 @@ pub struct TrainArgs {
     /// optimizer file keeps the exact weights for --resume) [default: f32, or the resumed run's].
     #[arg(long, value_name = "f32|bf16|f16")]
     pub save_dtype: Option<StoredDType>,
+    /// Read the loss and gradient norm back every N steps (one transfer for all N; the GPU
+    /// never waits for the host in between), or `auto`: about once a second. Every step still
+    /// gets its log line; a non-finite value stops the run naming its step, before any
+    /// checkpoint is written from it [default: auto].
+    #[arg(long, value_name = "N|auto")]
+    pub log_every: Option<LogEvery>,
+    /// Rows of logits the lm_head and cross-entropy compute at a time: `auto` (blocks the size
+    /// of a hidden activation, as Liger's fused linear cross-entropy), `full` (all B·T rows:
+    /// [B·T, vocab] held at once), or a multiple of 128 [default: auto, or the resumed run's].
+    #[arg(long, value_name = "auto|full|ROWS")]
+    pub lm_head_chunk: Option<HeadChunk>,
+}
+
+/// How often the training loop reads its figures back (`--log-every`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogEvery {
+    /// When about a second has passed since the last read.
+    Auto,
+    Steps(u64),
+}
+
+impl std::str::FromStr for LogEvery {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            n => match n.parse::<u64>() {
+                Ok(n) if n > 0 => Ok(Self::Steps(n)),
+                _ => Err(format!("`{s}`: expected a positive number of steps or `auto`")),
+            },
+        }
+    }
 }
 
 fn parse_format(s: &str) -> Result<TokenFormat, String> {
@@ -185,6 +219,7 @@ impl TrainArgs {
             seed: self.seed.unwrap_or(base.seed),
             val_fraction: self.val_fraction.unwrap_or(base.val_fraction),
             precision: self.precision(),
+            head_chunk: self.lm_head_chunk.unwrap_or(base.head_chunk),
             ..base
         }
     }
@@ -278,6 +313,7 @@ impl TrainArgs {
             eval_every,
             save_every: self.save_every,
             peak_tflops: self.peak_tflops,
+            log_every: self.log_every.unwrap_or(LogEvery::Auto),
         }
     }
 
@@ -305,6 +341,7 @@ impl TrainArgs {
         check("eps", self.eps.map(|v| v.to_string()), saved.eps.to_string());
         check("grad-clip", self.grad_clip.map(|v| v.to_string()), saved.grad_clip.to_string());
         check("seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
+        check("lm-head-chunk", self.lm_head_chunk.map(|v| v.to_string()), saved.head_chunk.to_string());
         let precision = &saved.precision;
         check(
             "master-weights",
@@ -536,6 +573,7 @@ pub struct RunControl {
     pub eval_every: Option<u64>,
     pub save_every: Option<u64>,
     pub peak_tflops: Option<f64>,
+    pub log_every: LogEvery,
 }
 
 impl RunControl {
@@ -569,13 +607,20 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     eprint!("{}", trainer.model.config);
     let master = trainer.has_master_weights();
     eprintln!("precision: {}", options.precision.describe(F::DTYPE));
-    let memory =
-        trainer.model.config.training_memory(options.batch, options.seq_len, F::DTYPE.size_bytes(), master);
-    eprintln!(
-        "memory of a step at batch {} × seq {}: {}",
+    let head_rows = trainer.head_rows();
+    let memory = trainer.model.config.training_memory(
         options.batch,
         options.seq_len,
-        memory.describe(F::DTYPE)
+        F::DTYPE.size_bytes(),
+        master,
+        head_rows,
+    );
+    eprintln!(
+        "memory of a step at batch {} × seq {}: {}; logits {head_rows} rows at a time (--lm-head-chunk {})",
+        options.batch,
+        options.seq_len,
+        memory.describe(F::DTYPE),
+        options.head_chunk,
     );
     eprintln!(
         "steps {}, batch {} × seq {} × accum {} = {} tokens/step, lr {:e} (warm-up {}, floor {}×), wd {}, clip {}",
@@ -617,57 +662,76 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     let (mut tokens, mut first_loss, mut last_loss, mut best_val) = (0usize, None, f64::NAN, f64::INFINITY);
     let mut last_val = None;
     let mut skipped = 0u64;
+    let mut last_read = Instant::now();
     while trainer.state.step < options.steps {
-        let report = trainer.step(dev)?;
-        tokens += report.tokens;
-        first_loss.get_or_insert(report.loss);
-        last_loss = report.loss;
-        let mut line = json!({"step": report.step, "loss": report.loss, "lr": report.lr,
-                              "grad_norm": report.grad_norm, "tokens": report.tokens,
-                              "tokens_per_s": report.tokens_per_s});
-        if let Some(scale) = report.loss_scale {
-            line["loss_scale"] = json!(scale);
-            line["skipped"] = json!(report.skipped);
-        }
-        writeln!(log, "{line}")?;
-        if report.skipped {
-            skipped += 1;
-            say(format!(
-                "step {}: gradients overflowed at loss scale {}: update skipped, scale halved",
-                report.step,
-                report.loss_scale.unwrap_or(f64::NAN)
-            ));
-        }
-        bar.set_message(format!(
-            "{:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}",
-            report.loss,
-            report.lr,
-            report.grad_norm,
-            report.tokens_per_s,
-            report.loss_scale.map(|s| format!("  scale {s}")).unwrap_or_default()
-        ));
-        bar.set_position(trainer.state.step);
+        let mut reports = trainer.queue_step(dev)?;
         let done = trainer.state.step;
-        if bar.is_hidden() && (done.is_multiple_of(plain_every) || done == options.steps) {
-            eprintln!(
-                "step {done}/{}: loss {:.4}, lr {:.2e}, |g| {:.3}, {:.0} tokens/s, {:.0} s",
-                options.steps,
+        let eval_now = control.eval_every.is_some_and(|n| done.is_multiple_of(n) || done == options.steps);
+        let save_now = control.save_every.is_some_and(|n| done.is_multiple_of(n)) && done < options.steps;
+        // Checkpoints and evaluations come after a read, which checks every step before them.
+        let read_now = eval_now
+            || save_now
+            || done == options.steps
+            || match control.log_every {
+                LogEvery::Steps(n) => done.is_multiple_of(n),
+                LogEvery::Auto => last_read.elapsed().as_secs_f64() >= 1.0,
+            };
+        if read_now {
+            reports.extend(trainer.read_steps(dev)?);
+            last_read = Instant::now();
+        }
+        for report in &reports {
+            tokens += report.tokens;
+            first_loss.get_or_insert(report.loss);
+            last_loss = report.loss;
+            let mut line = json!({"step": report.step, "loss": report.loss, "lr": report.lr,
+                                  "grad_norm": report.grad_norm, "tokens": report.tokens,
+                                  "tokens_per_s": report.tokens_per_s});
+            if let Some(scale) = report.loss_scale {
+                line["loss_scale"] = json!(scale);
+                line["skipped"] = json!(report.skipped);
+            }
+            writeln!(log, "{line}")?;
+            if report.skipped {
+                skipped += 1;
+                say(format!(
+                    "step {}: gradients overflowed at loss scale {}: update skipped, scale halved",
+                    report.step,
+                    report.loss_scale.unwrap_or(f64::NAN)
+                ));
+            }
+            let step_done = report.step + 1;
+            if bar.is_hidden() && (step_done.is_multiple_of(plain_every) || step_done == options.steps) {
+                eprintln!(
+                    "step {step_done}/{}: loss {:.4}, lr {:.2e}, |g| {:.3}, {:.0} tokens/s, {:.0} s",
+                    options.steps,
+                    report.loss,
+                    report.lr,
+                    report.grad_norm,
+                    report.tokens_per_s,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        if let Some(report) = reports.last() {
+            bar.set_message(format!(
+                "{:.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s{}",
                 report.loss,
                 report.lr,
                 report.grad_norm,
                 report.tokens_per_s,
-                started.elapsed().as_secs_f64()
-            );
+                report.loss_scale.map(|s| format!("  scale {s}")).unwrap_or_default()
+            ));
         }
-        if control.eval_every.is_some_and(|n| done.is_multiple_of(n) || done == options.steps)
-            && let Some(val) = trainer.validate(dev)?
+        bar.set_position(done);
+        if eval_now && let Some(val) = trainer.validate(dev)?
         {
             best_val = best_val.min(val);
             last_val = Some(val);
             writeln!(log, "{}", json!({"step": done, "val_loss": val, "val_perplexity": val.exp()}))?;
             say(format!("step {done}: val loss {val:.4} (perplexity {:.2})", val.exp()));
         }
-        if control.save_every.is_some_and(|n| done.is_multiple_of(n)) && done < options.steps {
+        if save_now {
             trainer.save(dev, out)?;
             say(format!("step {done}: saved {}", out.display()));
         }

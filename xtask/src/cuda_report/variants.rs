@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use dsl::{Device, FloatElement, GpuTensor};
 use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
 use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
+use model::activations::HeadChunk;
 use model::{Activations, KvCache, Llama, LlamaConfig, Params};
 use trainer::optimizer::Optimizer;
 use trainer::precision::WriteRounding;
@@ -67,13 +68,17 @@ fn run_workload<F: FloatElement>(device: &Device<OfflineCuda>, w: &Workload) -> 
     let model = Llama::new(device, config.clone(), Params::<OfflineCuda, F>::zeros(device, &config)?)?;
     // The trainer's weight gradients are f32 whatever the compute type.
     let mut grads = Params::<OfflineCuda, f32>::zeros(device, &config)?;
-    let mut acts = Activations::<OfflineCuda, F>::new(device, &config, w.batch, w.seq)?;
+    // As the trainer runs it: the logits in blocks of rows (the matmuls see the block's rows).
+    let mut acts = Activations::<OfflineCuda, F>::with_head(device, &config, w.batch, w.seq, HeadChunk::Auto)?;
     let tokens = w.batch * w.seq;
     let ids = model.token_ids(device, &vec![1; tokens], w.batch, w.seq)?;
     let targets = model.targets(device, &vec![2; tokens])?;
     model.forward(device, &mut acts, &ids)?;
-    model.loss(device, &mut acts, &targets, true)?;
-    model.backward(device, &mut acts, &ids, &mut grads)?;
+    model.loss_backward(device, &mut acts, &targets, &ids, &mut grads)?;
+    // The trainer keeps each step's loss on the device until it reads a batch of steps.
+    let mut figures = GpuTensor::<OfflineCuda, f32>::uninit(device, &[2])?;
+    dsl::record_scalar(device, &mut figures, 0, &acts.loss, 0, false)?;
+    dsl::record_scalar(device, &mut figures, 0, &acts.loss, 0, true)?;
     let mut params = Params::<OfflineCuda, F>::zeros(device, &config)?;
     // AdamW's three write paths: round to nearest (f32's only one), stochastic rounding, and
     // the f32 master with its compute copy.
