@@ -385,7 +385,19 @@ pub fn rmsnorm_backward_accumulate<R: Runtime, F: FloatElement, G: FloatElement>
     rstd: &GpuTensor<R, f32>,
 ) -> Result<()> {
     let cfg = RmsNormConfig::select::<R, F>(device, x.last_dim())?;
-    backward_launch(device, "rmsnorm_backward_accumulate", dx, dweight, scratch, dout, x, weight, rstd, cfg, true)
+    backward_launch(
+        device,
+        "rmsnorm_backward_accumulate",
+        dx,
+        dweight,
+        scratch,
+        dout,
+        x,
+        weight,
+        rstd,
+        cfg,
+        true,
+    )
 }
 
 /// RMSNorm backward with an explicit configuration; `accumulate` as

@@ -5,7 +5,9 @@
 //! reciprocal RMS, q and k after RoPE, v, the attention output and its log-sum-exp, the
 //! residual stream between the sub-blocks, and the MLP's gate, up and SwiGLU output. The
 //! residual stream entering each layer is kept too (`stream[l]`; `stream[L]` feeds the final
-//! norm). Nothing is recomputed.
+//! norm). With [`Recompute::Layer`] only the streams are kept: one set of layer buffers serves
+//! every layer, and the backward runs each layer's forward again from `stream[l]` before its
+//! backward (activation checkpointing at layer granularity, as Megatron's full recomputation).
 //!
 //! The logits are the exception to "saved": a training step computes them a block of rows at a
 //! time ([`HeadChunk`]) and overwrites each block with its gradient, so `[B·T, V]` (at 16k
@@ -68,6 +70,47 @@ impl HeadChunk {
     }
 }
 
+/// What the forward keeps for the backward (`--recompute`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every layer's activations are kept: nothing is computed twice.
+    #[default]
+    None,
+    /// Only each layer's input (`stream[l]`) is kept; the backward recomputes the layer's
+    /// forward before its backward (one more forward per step, about a third more compute).
+    /// The kernels are deterministic, so the gradients are bit-identical to [`Recompute::None`].
+    Layer,
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Layer => "layer",
+        })
+    }
+}
+
+impl FromStr for Recompute {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "layer" => Ok(Self::Layer),
+            _ => Err(format!("`{s}`: expected none or layer")),
+        }
+    }
+}
+
+/// How a training step's activations are laid out: the head's blocks and what is recomputed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivationPlan {
+    pub head: HeadChunk,
+    pub recompute: Recompute,
+}
+
 impl fmt::Display for HeadChunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -115,8 +158,11 @@ pub struct LayerActivations<R: Runtime, F: FloatElement> {
 pub struct Activations<R: Runtime, F: FloatElement> {
     pub batch: usize,
     pub seq: usize,
+    /// With [`Recompute::Layer`], `layers` holds one set shared by every layer.
+    pub recompute: Recompute,
     /// `stream[l]`: the residual stream entering layer `l`; `stream[L]`: leaving the last one.
     pub stream: Vec<GpuTensor<R, F>>,
+    /// Layer `l`'s saved tensors are `layers[self.slot(l)]`.
     pub layers: Vec<LayerActivations<R, F>>,
     // Forward scratch: q and k before RoPE.
     pub q_proj: GpuTensor<R, F>,
@@ -148,8 +194,9 @@ pub struct Activations<R: Runtime, F: FloatElement> {
 }
 
 /// Bytes of [`Activations`] for `batch × seq` with `param_bytes`-wide elements, logits blocks
-/// of `head_rows` rows (see [`HeadChunk::rows`]) and an RMSNorm backward scratch of
-/// `norm_scratch_rows` rows (see [`kernels::rmsnorm::rmsnorm_backward_scratch_rows`]).
+/// of `head_rows` rows (see [`HeadChunk::rows`]), an RMSNorm backward scratch of
+/// `norm_scratch_rows` rows (see [`kernels::rmsnorm::rmsnorm_backward_scratch_rows`]), and
+/// `recompute`.
 pub fn activation_bytes_with(
     config: &LlamaConfig,
     batch: usize,
@@ -157,18 +204,27 @@ pub fn activation_bytes_with(
     param_bytes: usize,
     head_rows: usize,
     norm_scratch_rows: usize,
+    recompute: Recompute,
 ) -> usize {
     let n = batch * seq;
     let (c, i, v, hq) =
         (config.hidden_size, config.intermediate_size, config.vocab_size, config.num_attention_heads);
     let (qd, kvd) = (config.q_dim(), config.kv_dim());
-    let layers = config.num_hidden_layers;
+    let layers = layer_slots(config, recompute);
     let per_layer = n * (3 * c + 2 * qd + 2 * kvd + 3 * i) * param_bytes + 4 * n * (2 + hq);
-    let stream = (layers + 1) * n * c * param_bytes;
+    let stream = (config.num_hidden_layers + 1) * n * c * param_bytes;
     let forward_scratch = (n * (qd + kvd + c) + head_rows * v) * param_bytes + 4 * (2 * n + 1);
     let backward_scratch =
         n * (2 * c + 3 * qd + 3 * kvd + 3 * i) * param_bytes + 4 * (n * hq + norm_scratch_rows * c);
     layers * per_layer + stream + forward_scratch + backward_scratch
+}
+
+/// Sets of layer buffers: one per layer, or one shared by all when recomputing.
+fn layer_slots(config: &LlamaConfig, recompute: Recompute) -> usize {
+    match recompute {
+        Recompute::None => config.num_hidden_layers,
+        Recompute::Layer => config.num_hidden_layers.min(1),
+    }
 }
 
 impl<R: Runtime, F: FloatElement> Activations<R, F> {
@@ -186,6 +242,18 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
         seq: usize,
         head: HeadChunk,
     ) -> Result<Self> {
+        Self::with_plan(device, config, batch, seq, ActivationPlan { head, recompute: Recompute::None })
+    }
+
+    /// As [`Self::new`], laid out by `plan` (the head's blocks, what is recomputed).
+    pub fn with_plan(
+        device: &Device<R>,
+        config: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        plan: ActivationPlan,
+    ) -> Result<Self> {
+        let head = plan.head;
         if batch == 0 || seq == 0 {
             return Err(ModelError::Input {
                 op: "Activations::new",
@@ -212,7 +280,7 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
         let rows = [n];
         let f = |shape: &[usize]| GpuTensor::<R, F>::uninit(device, shape);
         let f32s = |shape: &[usize]| GpuTensor::<R, f32>::uninit(device, shape);
-        let layers = (0..config.num_hidden_layers)
+        let layers = (0..layer_slots(config, plan.recompute))
             .map(|_| {
                 Ok(LayerActivations {
                     rstd_attn: f32s(&rows)?,
@@ -235,6 +303,7 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
         Ok(Self {
             batch,
             seq,
+            recompute: plan.recompute,
             stream: (0..=config.num_hidden_layers).map(|_| f(&hidden)).collect::<dsl::Result<Vec<_>>>()?,
             layers,
             q_proj: f(&q_shape)?,
@@ -264,6 +333,14 @@ impl<R: Runtime, F: FloatElement> Activations<R, F> {
     /// Tokens per forward (`batch · seq`).
     pub fn tokens(&self) -> usize {
         self.batch * self.seq
+    }
+
+    /// The index in `layers` of layer `l`'s buffers.
+    pub fn slot(&self, l: usize) -> usize {
+        match self.recompute {
+            Recompute::None => l,
+            Recompute::Layer => 0,
+        }
     }
 
     /// Whether the logits are kept whole (one block of every row).

@@ -428,7 +428,7 @@ impl LlamaConfig {
     /// `compute_bytes` per element: the parameters, the f32 master copy (`master`), the weight
     /// gradients (always f32), AdamW's two f32 moments, and the saved activations and scratch of
     /// [`crate::Activations`] with logits blocks of `head_rows` rows (see
-    /// [`crate::activations::HeadChunk::rows`]; `batch · seq` keeps them whole).
+    /// [`crate::activations::HeadChunk::rows`]; `batch · seq` keeps them whole) and `recompute`.
     pub fn training_memory(
         &self,
         batch: usize,
@@ -436,6 +436,7 @@ impl LlamaConfig {
         compute_bytes: usize,
         master: bool,
         head_rows: usize,
+        recompute: crate::activations::Recompute,
     ) -> MemoryEstimate {
         let params = self.parameter_count();
         MemoryEstimate {
@@ -450,6 +451,7 @@ impl LlamaConfig {
                 compute_bytes,
                 head_rows,
                 (batch * seq).clamp(1, 4 * 132),
+                recompute,
             ),
         }
     }
@@ -610,7 +612,7 @@ impl fmt::Display for LlamaConfig {
             ("bf16, f32 master weights (--master-weights f32)", "bf16", 2, true),
             ("bf16, no master (--master-weights none)", "bf16", 2, false),
         ] {
-            let m = self.training_memory(1, context, bytes, master, head_rows);
+            let m = self.training_memory(1, context, bytes, master, head_rows, Default::default());
             writeln!(f, "training step, batch 1 × {context} tokens, {label}: {}", m.describe(dtype))?;
         }
         Ok(())

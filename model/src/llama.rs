@@ -8,7 +8,7 @@
 //! reverse and adds every parameter's gradient into a [`Params`] of gradients (`+=`, so
 //! micro-batches accumulate; zero it first for a fresh step).
 
-use crate::activations::Activations;
+use crate::activations::{Activations, LayerActivations, Recompute};
 use crate::config::{LayerWeight, LlamaConfig};
 use crate::error::{ModelError, Result};
 use crate::params::Params;
@@ -99,7 +99,12 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 ),
             });
         }
-        if acts.layers.len() != self.config.num_hidden_layers
+        let slots = match acts.recompute {
+            Recompute::None => self.config.num_hidden_layers,
+            Recompute::Layer => self.config.num_hidden_layers.min(1),
+        };
+        if acts.layers.len() != slots
+            || acts.stream.len() != self.config.num_hidden_layers + 1
             || acts.stream[0].last_dim() != self.config.hidden_size
             || acts.logits.last_dim() != self.config.vocab_size
         {
@@ -129,59 +134,80 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
                 let w = p.layer(0, LayerWeight::InputNorm);
                 rmsnorm_forward(device, &mut a.normed_attn, &mut a.rstd_attn, &acts.stream[0], w, eps)?;
             }
-            None => {
-                rmsnorm_forward(device, &mut acts.normed_final, &mut acts.rstd_final, &acts.stream[0], p.norm(), eps)?
-            }
+            None => rmsnorm_forward(
+                device,
+                &mut acts.normed_final,
+                &mut acts.rstd_final,
+                &acts.stream[0],
+                p.norm(),
+                eps,
+            )?,
         }
         for l in 0..layers {
-            let (before, after) = acts.stream.split_at_mut(l + 1);
-            let (x, out) = (&before[l], &mut after[0]);
-            let (current, next) = acts.layers.split_at_mut(l + 1);
-            let a = &mut current[l];
-            linear_forward(
-                device,
-                &mut heads_merged(&acts.q_proj)?,
-                &a.normed_attn,
-                p.layer(l, LayerWeight::Q),
-            )?;
-            linear_forward(
-                device,
-                &mut heads_merged(&acts.k_proj)?,
-                &a.normed_attn,
-                p.layer(l, LayerWeight::K),
-            )?;
-            linear_forward(device, &mut heads_merged(&a.v)?, &a.normed_attn, p.layer(l, LayerWeight::V))?;
-            rope_forward(device, &mut a.q_rot, &acts.q_proj, &self.rope, 0)?;
-            rope_forward(device, &mut a.k_rot, &acts.k_proj, &self.rope, 0)?;
-            attention_forward(device, &mut a.attn, &mut a.lse, &a.q_rot, &a.k_rot, &a.v, true)?;
-            // mid = x + o_proj(attn), computed as o_proj(attn) += x (the same f32 sum), fused
-            // with the post-attention norm that reads it.
-            linear_forward(device, &mut a.mid, &heads_merged(&a.attn)?, p.layer(l, LayerWeight::O))?;
-            rmsnorm_forward_residual(
-                device,
-                &mut a.normed_mlp,
-                &mut a.rstd_mlp,
-                &mut a.mid,
-                x,
-                p.layer(l, LayerWeight::PostAttentionNorm),
-                eps,
-            )?;
-            linear_forward(device, &mut a.gate, &a.normed_mlp, p.layer(l, LayerWeight::Gate))?;
-            linear_forward(device, &mut a.up, &a.normed_mlp, p.layer(l, LayerWeight::Up))?;
-            swiglu_forward(device, &mut a.act, &a.gate, &a.up)?;
-            linear_forward(device, out, &a.act, p.layer(l, LayerWeight::Down))?;
+            let (slot, next) = (acts.slot(l), acts.slot(l + 1));
+            self.layer_forward_to_mlp(device, &mut acts.layers[slot], &acts.stream[l], &acts.q_proj, &acts.k_proj, l)?;
+            let out = &mut acts.stream[l + 1];
+            linear_forward(device, out, &acts.layers[slot].act, p.layer(l, LayerWeight::Down))?;
             // stream[l+1] = mid + down(…), fused with the norm that reads it: the next layer's
-            // input norm, or the final norm.
-            let (normed, rstd, weight) = match next.first_mut() {
-                Some(b) => (&mut b.normed_attn, &mut b.rstd_attn, p.layer(l + 1, LayerWeight::InputNorm)),
-                None => (&mut acts.normed_final, &mut acts.rstd_final, p.norm()),
+            // input norm, or the final norm. (Recomputing, the next layer's slot is this one:
+            // its normed input overwrites this layer's, which the forward no longer needs.)
+            let (mid, normed, rstd, weight) = if l + 1 == layers {
+                (&acts.layers[slot].mid, &mut acts.normed_final, &mut acts.rstd_final, p.norm())
+            } else {
+                let weight = p.layer(l + 1, LayerWeight::InputNorm);
+                if next == slot {
+                    let a = &mut acts.layers[slot];
+                    (&a.mid, &mut a.normed_attn, &mut a.rstd_attn, weight)
+                } else {
+                    let (current, following) = acts.layers.split_at_mut(next);
+                    let b = &mut following[0];
+                    (&current[slot].mid, &mut b.normed_attn, &mut b.rstd_attn, weight)
+                }
             };
-            rmsnorm_forward_residual(device, normed, rstd, out, &a.mid, weight, eps)?;
+            rmsnorm_forward_residual(device, normed, rstd, out, mid, weight, eps)?;
         }
         if acts.keeps_logits() {
             let logits_in = acts.normed_final.reshape(&[acts.tokens(), self.config.hidden_size])?;
             linear_forward(device, &mut acts.logits, &logits_in, p.lm_head())?;
         }
+        Ok(())
+    }
+
+    /// Layer `l` from its normalised input (`a.normed_attn`, already computed) through the
+    /// SwiGLU output (`a.act`): everything but the down projection and the residual add after
+    /// it. `x` is the layer's input `stream[l]`; `q_proj` and `k_proj` are scratch.
+    fn layer_forward_to_mlp(
+        &self,
+        device: &Device<R>,
+        a: &mut LayerActivations<R, F>,
+        x: &GpuTensor<R, F>,
+        q_proj: &GpuTensor<R, F>,
+        k_proj: &GpuTensor<R, F>,
+        l: usize,
+    ) -> Result<()> {
+        let p = &self.params;
+        let eps = self.config.rms_norm_eps as f32;
+        linear_forward(device, &mut heads_merged(q_proj)?, &a.normed_attn, p.layer(l, LayerWeight::Q))?;
+        linear_forward(device, &mut heads_merged(k_proj)?, &a.normed_attn, p.layer(l, LayerWeight::K))?;
+        linear_forward(device, &mut heads_merged(&a.v)?, &a.normed_attn, p.layer(l, LayerWeight::V))?;
+        rope_forward(device, &mut a.q_rot, q_proj, &self.rope, 0)?;
+        rope_forward(device, &mut a.k_rot, k_proj, &self.rope, 0)?;
+        attention_forward(device, &mut a.attn, &mut a.lse, &a.q_rot, &a.k_rot, &a.v, true)?;
+        // mid = x + o_proj(attn), computed as o_proj(attn) += x (the same f32 sum), fused with
+        // the post-attention norm that reads it.
+        linear_forward(device, &mut a.mid, &heads_merged(&a.attn)?, p.layer(l, LayerWeight::O))?;
+        rmsnorm_forward_residual(
+            device,
+            &mut a.normed_mlp,
+            &mut a.rstd_mlp,
+            &mut a.mid,
+            x,
+            p.layer(l, LayerWeight::PostAttentionNorm),
+            eps,
+        )?;
+        linear_forward(device, &mut a.gate, &a.normed_mlp, p.layer(l, LayerWeight::Gate))?;
+        linear_forward(device, &mut a.up, &a.normed_mlp, p.layer(l, LayerWeight::Up))?;
+        swiglu_forward(device, &mut a.act, &a.gate, &a.up)?;
         Ok(())
     }
 
@@ -349,8 +375,19 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
             &acts.rstd_final,
         )?;
 
+        let eps = self.config.rms_norm_eps as f32;
         for l in (0..layers).rev() {
-            let a = &acts.layers[l];
+            let slot = acts.slot(l);
+            // The last layer's buffers still hold its forward (the final norm took its output).
+            if acts.recompute == Recompute::Layer && l + 1 < layers {
+                // The layer's forward again from its saved input: the same kernels on the same
+                // inputs, so the same bits as the stored activations would have held.
+                let a = &mut acts.layers[slot];
+                let (x, w) = (&acts.stream[l], p.layer(l, LayerWeight::InputNorm));
+                rmsnorm_forward(device, &mut a.normed_attn, &mut a.rstd_attn, x, w, eps)?;
+                self.layer_forward_to_mlp(device, a, x, &acts.q_proj, &acts.k_proj, l)?;
+            }
+            let a = &acts.layers[slot];
             let x = &acts.stream[l];
             // MLP: stream[l+1] = mid + down(swiglu(gate(n2), up(n2))), n2 = norm(mid).
             linear_backward_input(

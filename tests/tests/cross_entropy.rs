@@ -100,7 +100,10 @@ fn check<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) -> Resul
     let mut eval_loss = nan_tensor::<R, f32>(dev, &[1])?;
     let mut eval_rows = nan_tensor::<R, f32>(dev, &[rows])?;
     cross_entropy_forward(dev, &mut eval_loss, &mut eval_rows, &logits, &targets).map_err(fail)?;
-    prop_assert_eq!(download(dev, &logits)?, download(dev, &upload::<R, F>(dev, &d.logits, &[rows, vocab])?)?);
+    prop_assert_eq!(
+        download(dev, &logits)?,
+        download(dev, &upload::<R, F>(dev, &d.logits, &[rows, vocab])?)?
+    );
     let mut loss = nan_tensor::<R, f32>(dev, &[1])?;
     let mut row_loss = nan_tensor::<R, f32>(dev, &[rows])?;
     let mut dlogits = logits.clone();
@@ -271,7 +274,8 @@ fn row_blocks<R: BackendRuntime>(dev: &Device<R>) {
         for start in (0..rows).step_by(block) {
             let n = block.min(rows - start);
             let mut x = blocks.rows_view(start, n).unwrap();
-            let mut r = row_loss.reshape(&[rows, 1]).unwrap().rows_view(start, n).unwrap().reshape(&[n]).unwrap();
+            let mut r =
+                row_loss.reshape(&[rows, 1]).unwrap().rows_view(start, n).unwrap().reshape(&[n]).unwrap();
             let bt = t.rows(start, n).unwrap();
             if with_grad {
                 cross_entropy_rows_forward_backward(dev, &mut r, &mut x, &bt).unwrap();

@@ -2,7 +2,7 @@
 //! parameter gradient), the reference against finite differences, and the configuration.
 
 use dsl::{BackendRuntime, Device};
-use model::activations::{HeadChunk, activation_bytes_with};
+use model::activations::{ActivationPlan, HeadChunk, Recompute, activation_bytes_with};
 use model::reference::loss_and_grads;
 use model::{Activations, Llama, LlamaConfig, Params};
 use proptest::prelude::*;
@@ -141,7 +141,8 @@ fn chunked_head<R: BackendRuntime>(dev: &Device<R>) {
         config.tie_word_embeddings = tied;
         let host = to_f32(&random_params(&config, seed));
         let model =
-            Llama::new(dev, config.clone(), Params::<R, f32>::from_host(dev, &config, &host).unwrap()).unwrap();
+            Llama::new(dev, config.clone(), Params::<R, f32>::from_host(dev, &config, &host).unwrap())
+                .unwrap();
         let (batch, seq) = (5, 60);
         let (ids, targets) = random_tokens(config.vocab_size, batch * seq, Some(3), seed);
         let ids = model.token_ids(dev, &ids, batch, seq).unwrap();
@@ -173,10 +174,14 @@ fn chunked_head<R: BackendRuntime>(dev: &Device<R>) {
             if head_grad {
                 let (got, want): (Vec<f64>, Vec<f64>) =
                     (got.iter().map(|&v| v as f64).collect(), want.iter().map(|&v| v as f64).collect());
-                check_close_scaled(&spec.name, &got, &want, &normwise(&want), &[got.len()], Tolerance {
-                    atol: 0.0,
-                    rtol: 1e-6,
-                })
+                check_close_scaled(
+                    &spec.name,
+                    &got,
+                    &want,
+                    &normwise(&want),
+                    &[got.len()],
+                    Tolerance { atol: 0.0, rtol: 1e-6 },
+                )
                 .unwrap();
             } else {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -189,6 +194,57 @@ fn chunked_head<R: BackendRuntime>(dev: &Device<R>) {
 #[test]
 fn chunked_lm_head_gives_the_same_loss_and_gradients() {
     on_test_backend!(chunked_head);
+}
+
+/// Recomputing each layer's forward in the backward gives the loss and every gradient of the
+/// stored-activation run to the bit (deterministic kernels), with the logits whole or in blocks,
+/// in f32 and f16, tied and untied, three layers (the middle one is recomputed between two).
+fn recomputed<R: BackendRuntime, F: TestFloat>(dev: &Device<R>) {
+    if refuses_unsupported::<R, F>(dev) {
+        return;
+    }
+    for (tied, seed) in [(false, 31u64), (true, 32)] {
+        let mut config = models::tiny_config(45, 32, 48, 3, 4, 2, 16);
+        config.tie_word_embeddings = tied;
+        let host = to_f32(&random_params(&config, seed));
+        let params = Params::<R, F>::from_host(dev, &config, &host).unwrap();
+        let model = Llama::new(dev, config.clone(), params).unwrap();
+        let (batch, seq) = (3, 50);
+        let (ids, targets) = random_tokens(config.vocab_size, batch * seq, Some(4), seed);
+        let ids = model.token_ids(dev, &ids, batch, seq).unwrap();
+        let targets = model.targets(dev, &targets).unwrap();
+        let run = |plan: ActivationPlan| {
+            let mut acts = Activations::<R, F>::with_plan(dev, &config, batch, seq, plan).unwrap();
+            let mut grads = Params::<R, f32>::zeros(dev, &config).unwrap();
+            model.forward(dev, &mut acts, &ids).unwrap();
+            model.loss_backward(dev, &mut acts, &targets, &ids, &mut grads).unwrap();
+            let loss = model.read_loss(dev, &acts).unwrap().to_bits();
+            let grads: Vec<Vec<u32>> = grads
+                .tensors()
+                .iter()
+                .map(|g| g.to_vec(dev).unwrap().iter().map(|v| v.to_bits()).collect())
+                .collect();
+            (loss, grads)
+        };
+        for head in [HeadChunk::Full, HeadChunk::Rows(128)] {
+            let stored = run(ActivationPlan { head, recompute: Recompute::None });
+            let again = run(ActivationPlan { head, recompute: Recompute::Layer });
+            assert_eq!(again.0, stored.0, "loss ({}, tied {tied}, {head})", F::DTYPE);
+            for (spec, (a, b)) in config.parameters().iter().zip(again.1.iter().zip(&stored.1)) {
+                assert!(a == b, "gradient of {} differs ({}, tied {tied}, {head})", spec.name, F::DTYPE);
+            }
+        }
+    }
+}
+
+#[test]
+fn recomputed_layers_give_bit_identical_gradients_f32() {
+    on_test_backend!(recomputed, f32);
+}
+
+#[test]
+fn recomputed_layers_give_bit_identical_gradients_f16() {
+    on_test_backend!(recomputed, half::f16);
 }
 
 #[test]
@@ -225,11 +281,14 @@ fn sizes_match<R: BackendRuntime>(dev: &Device<R>) {
         let n = batch * seq;
         let rows = kernels::rmsnorm::rmsnorm_backward_scratch_rows(dev, n);
         for head in [HeadChunk::Full, HeadChunk::Auto, HeadChunk::Rows(128)] {
-            let acts = Activations::<R, f32>::with_head(dev, &config, batch, seq, head).unwrap();
-            let head_rows = head.rows(&config, n).unwrap();
-            assert_eq!(acts.head_rows, head_rows);
-            let want = activation_bytes_with(&config, batch, seq, 4, head_rows, rows);
-            assert_eq!(acts.size_bytes(), want, "{batch}×{seq}, {head}");
+            for recompute in [Recompute::None, Recompute::Layer] {
+                let plan = ActivationPlan { head, recompute };
+                let acts = Activations::<R, f32>::with_plan(dev, &config, batch, seq, plan).unwrap();
+                let head_rows = head.rows(&config, n).unwrap();
+                assert_eq!(acts.head_rows, head_rows);
+                let want = activation_bytes_with(&config, batch, seq, 4, head_rows, rows, recompute);
+                assert_eq!(acts.size_bytes(), want, "{batch}×{seq}, {head}, {recompute}");
+            }
         }
     }
     let err = HeadChunk::Rows(100).rows(&config, 1000).err().expect("not a multiple of 128");

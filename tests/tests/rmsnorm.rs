@@ -91,7 +91,8 @@ fn dx_magnitude(inp: &Inputs, rstd: &[f64], rows: usize, cols: usize) -> Vec<f64
                 / cols as f64;
         for c in 0..cols {
             let i = base + c;
-            magnitude[i] = (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
+            magnitude[i] =
+                (s * inp.dout[i] * inp.weight[c]).abs() + (inp.x[i] * s * s * s * mean_abs_gx).abs();
         }
     }
     magnitude
@@ -195,7 +196,8 @@ fn check_fused<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) ->
         // f64 images of F values are exact, so comparing them compares bits (NaN aside).
         t.to_f64_vec(dev).map_err(fail)
     };
-    let (weight, residual_t, dout) = (up(&inp.weight, &[cols])?, up(&residual, &shape)?, up(&inp.dout, &shape)?);
+    let (weight, residual_t, dout) =
+        (up(&inp.weight, &[cols])?, up(&residual, &shape)?, up(&inp.dout, &shape)?);
     let eps = case.eps as f32;
 
     let (mut x_fused, mut out_fused) = (up(&inp.x, &shape)?, up(&inp.x, &shape)?);
@@ -208,14 +210,27 @@ fn check_fused<R: BackendRuntime, F: TestFloat>(dev: &Device<R>, case: &Case) ->
     rmsnorm_forward(dev, &mut out_plain, &mut rstd_plain, &x_plain, &weight, eps).map_err(fail)?;
     prop_assert!(bits(&x_fused)? == bits(&x_plain)?, "fused stream sum differs ({case:?})");
     prop_assert!(bits(&out_fused)? == bits(&out_plain)?, "fused norm output differs ({case:?})");
-    let rstd_bits = |t: &GpuTensor<R, f32>| t.to_vec(dev).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-    prop_assert!(rstd_bits(&rstd_fused).map_err(fail)? == rstd_bits(&rstd_plain).map_err(fail)?, "rstd differs");
+    let rstd_bits =
+        |t: &GpuTensor<R, f32>| t.to_vec(dev).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    prop_assert!(
+        rstd_bits(&rstd_fused).map_err(fail)? == rstd_bits(&rstd_plain).map_err(fail)?,
+        "rstd differs"
+    );
 
     let scratch_rows = rmsnorm_backward_scratch_rows(dev, rows);
     let mut scratch = GpuTensor::<R, f32>::zeros(dev, &[scratch_rows, cols]).map_err(fail)?;
     let (mut ds_fused, mut dw_fused) = (up(&d_stream, &shape)?, up(&inp.dweight_before, &[cols])?);
-    rmsnorm_backward_accumulate(dev, &mut ds_fused, &mut dw_fused, &mut scratch, &dout, &x_plain, &weight, &rstd_plain)
-        .map_err(fail)?;
+    rmsnorm_backward_accumulate(
+        dev,
+        &mut ds_fused,
+        &mut dw_fused,
+        &mut scratch,
+        &dout,
+        &x_plain,
+        &weight,
+        &rstd_plain,
+    )
+    .map_err(fail)?;
     let (mut ds_plain, mut dw_plain) = (up(&d_stream, &shape)?, up(&inp.dweight_before, &[cols])?);
     let mut branch = up(&vec![f64::NAN; rows * cols], &shape)?;
     rmsnorm_backward(dev, &mut branch, &mut dw_plain, &mut scratch, &dout, &x_plain, &weight, &rstd_plain)

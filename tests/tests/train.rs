@@ -163,6 +163,59 @@ fn resume_is_exact<R: BackendRuntime>(dev: &Device<R>) {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Steps queued and read in one transfer give the figures and weights of steps read one by one,
+/// bit for bit; steady-state steps reserve no new device memory; a checkpoint is refused while
+/// steps are unread; and a non-finite loss is reported at the step it first appears, however
+/// late it is read. The batch (5 × 32) runs the chunked lm_head in two blocks of rows.
+fn queued_steps<R: BackendRuntime>(dev: &Device<R>) {
+    let (config, mut options) = small_run(12);
+    options.batch = 5;
+    options.head_chunk = model::activations::HeadChunk::Rows(128);
+    let mut one_by_one = new_trainer(dev, &config, &options);
+    let figures = |r: &trainer::train::StepReport| (r.step, r.loss.to_bits(), r.grad_norm.to_bits());
+    let want: Vec<_> = (0..8).map(|_| figures(&one_by_one.step(dev).unwrap())).collect();
+
+    let mut queued = new_trainer(dev, &config, &options);
+    assert_eq!(queued.head_rows(), 128);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        assert!(queued.queue_step(dev).unwrap().is_empty(), "nothing is read while queueing");
+    }
+    got.extend(queued.read_steps(dev).unwrap().iter().map(figures));
+    let reserved = dev.client().memory_usage().unwrap().bytes_reserved;
+    for _ in 2..8 {
+        assert!(queued.queue_step(dev).unwrap().is_empty());
+    }
+    assert_eq!(queued.queued_steps(), 6);
+    let dir = scratch_dir("queued");
+    let err = queued.save(dev, &dir).unwrap_err().to_string();
+    assert!(err.contains("6 queued steps have not been read"), "{err}");
+    assert!(!dir.exists(), "nothing may be written from unread steps");
+    got.extend(queued.read_steps(dev).unwrap().iter().map(figures));
+    assert_eq!(dev.client().memory_usage().unwrap().bytes_reserved, reserved, "steps reserved device memory");
+    assert_eq!(got, want, "queued steps' figures differ from steps read one by one");
+    let bits = |t: &Trainer<R, f32>| -> Vec<u32> {
+        t.model.params.to_host(dev).unwrap().iter().flatten().map(|v| v.to_bits()).collect()
+    };
+    assert!(bits(&queued) == bits(&one_by_one), "weights differ");
+
+    // NaN embeddings from step 10 on: its loss is NaN, read two steps later.
+    queued.queue_step(dev).unwrap();
+    queued.queue_step(dev).unwrap();
+    let mut poisoned = queued.weights_to_host(dev).unwrap();
+    poisoned[0].fill(f32::NAN);
+    queued.set_weights(dev, &poisoned).unwrap();
+    queued.queue_step(dev).unwrap();
+    queued.queue_step(dev).unwrap();
+    let err = queued.read_steps(dev).unwrap_err().to_string();
+    assert!(err.starts_with("the loss of step 10 is NaN: stopping"), "{err}");
+}
+
+#[test]
+fn queued_steps_are_read_in_one_transfer_and_checked() {
+    on_test_backend!(queued_steps);
+}
+
 #[test]
 fn resuming_from_a_checkpoint_is_bit_identical() {
     on_test_backend!(resume_is_exact);

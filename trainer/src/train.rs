@@ -37,8 +37,8 @@ use cubecl::Runtime;
 use dsl::{DType, Device, FloatElement};
 use kernels::adamw::AdamW;
 use kernels::cross_entropy::IGNORE_INDEX;
+use model::activations::{ActivationPlan, HeadChunk, Recompute};
 use model::checkpoint::{self, SaveOptions, StoredDType};
-use model::activations::HeadChunk;
 use model::{Activations, Llama, ModelError, Params};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
@@ -78,6 +78,10 @@ pub struct TrainOptions {
     /// gradient differs by f32 round-off).
     #[serde(default)]
     pub head_chunk: HeadChunk,
+    /// What the forward keeps for the backward (see [`Recompute`]); changes no number, so a
+    /// resumed run may change it.
+    #[serde(default)]
+    pub recompute: Recompute,
 }
 
 impl Default for TrainOptions {
@@ -101,6 +105,7 @@ impl Default for TrainOptions {
             val_batches: 4,
             precision: PrecisionOptions::default(),
             head_chunk: HeadChunk::Auto,
+            recompute: Recompute::None,
         }
     }
 }
@@ -389,8 +394,8 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             optimizer.keep_master(device, &model.params.to_host(device)?)?;
         }
         let grads = Params::zeros(device, &model.config)?;
-        let acts =
-            Activations::with_head(device, &model.config, options.batch, options.seq_len, options.head_chunk)?;
+        let plan = ActivationPlan { head: options.head_chunk, recompute: options.recompute };
+        let acts = Activations::with_plan(device, &model.config, options.batch, options.seq_len, plan)?;
         let figures = dsl::GpuTensor::zeros(device, &[MAX_QUEUED_STEPS + 1, 2])?;
         let state = TrainState {
             step: 0,
@@ -452,9 +457,23 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         data: impl Into<TrainData<'a>>,
         steps: Option<u64>,
     ) -> Result<Self> {
+        Self::resume_with(device, dir, data, steps, None)
+    }
+
+    /// [`Self::resume`], recomputing as `recompute` says when given (it changes no number).
+    pub fn resume_with<'a>(
+        device: &Device<R>,
+        dir: &Path,
+        data: impl Into<TrainData<'a>>,
+        steps: Option<u64>,
+        recompute: Option<Recompute>,
+    ) -> Result<Self> {
         let mut state = read_state(dir)?;
         if let Some(steps) = steps {
             state.options.steps = steps;
+        }
+        if let Some(recompute) = recompute {
+            state.options.recompute = recompute;
         }
         let checkpoint = checkpoint::load(dir)?;
         let saved = read_optimizer_file(&dir.join(OPTIMIZER_FILE), &checkpoint.config.parameters())?;
@@ -584,7 +603,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let tokens = self.options.batch * self.options.seq_len * batches.len();
         self.queued.push(QueuedStep { step, lr, tokens, loss_scale, skipped: false });
         let mut apply = true;
-        if let (Some(scaler), Some(options)) = (&mut self.state.loss_scale, &self.options.precision.loss_scale) {
+        if let (Some(scaler), Some(options)) =
+            (&mut self.state.loss_scale, &self.options.precision.loss_scale)
+        {
             // The host decides whether to apply, so it must see the norm: read now.
             let figures = self.figures.to_vec(device)?;
             let finite = figures[2 * slot + 1].is_finite();

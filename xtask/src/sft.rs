@@ -352,7 +352,13 @@ impl Sft<'_> {
         control.check_out()?;
         let mut trainer = match (&resume, &model) {
             (Some(dir), _) => {
-                let t = Trainer::<R, F>::resume(dev, dir, TrainData::Sft(data), train_args.steps)?;
+                let t = Trainer::<R, F>::resume_with(
+                    dev,
+                    dir,
+                    TrainData::Sft(data),
+                    train_args.steps,
+                    train_args.recompute,
+                )?;
                 eprintln!("resuming {} at step {}", dir.display(), t.state.step);
                 t
             }

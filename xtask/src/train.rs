@@ -6,8 +6,8 @@ use crate::run_data::{RunData, pretraining_data};
 use anyhow::{Context, Result, bail};
 use dsl::{BackendRuntime, DType, Device, FloatElement, OnDevice};
 use indicatif::{ProgressBar, ProgressStyle};
+use model::activations::{HeadChunk, Recompute};
 use model::checkpoint::StoredDType;
-use model::activations::HeadChunk;
 use model::{Llama, LlamaConfig, Params};
 use serde_json::json;
 use std::fs::OpenOptions;
@@ -160,6 +160,12 @@ pub struct TrainArgs {
     /// [B·T, vocab] held at once), or a multiple of 128 [default: auto, or the resumed run's].
     #[arg(long, value_name = "auto|full|ROWS")]
     pub lm_head_chunk: Option<HeadChunk>,
+    /// `layer`: keep only each layer's input and recompute the layer's forward in the backward
+    /// (activations of one layer instead of all; one more forward per step; bit-identical
+    /// gradients), `none`: keep everything. A resumed run may change it [default: none, or the
+    /// resumed run's].
+    #[arg(long, value_name = "none|layer")]
+    pub recompute: Option<Recompute>,
 }
 
 /// How often the training loop reads its figures back (`--log-every`).
@@ -220,6 +226,7 @@ impl TrainArgs {
             val_fraction: self.val_fraction.unwrap_or(base.val_fraction),
             precision: self.precision(),
             head_chunk: self.lm_head_chunk.unwrap_or(base.head_chunk),
+            recompute: self.recompute.unwrap_or(base.recompute),
             ..base
         }
     }
@@ -521,7 +528,7 @@ impl Train<'_> {
         control.check_out()?;
         let data = TrainData::Tokens { train: &plan.data.train, val: plan.data.val.as_ref() };
         let mut trainer = if let Some(dir) = &args.resume {
-            let t = Trainer::<R, F>::resume(dev, dir, data, args.steps)?;
+            let t = Trainer::<R, F>::resume_with(dev, dir, data, args.steps, args.recompute)?;
             eprintln!("resuming {} at step {}", dir.display(), t.state.step);
             t
         } else {
@@ -614,13 +621,16 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
         F::DTYPE.size_bytes(),
         master,
         head_rows,
+        options.recompute,
     );
     eprintln!(
-        "memory of a step at batch {} × seq {}: {}; logits {head_rows} rows at a time (--lm-head-chunk {})",
+        "memory of a step at batch {} × seq {}: {}; logits {head_rows} rows at a time (--lm-head-chunk {}), \
+         --recompute {}",
         options.batch,
         options.seq_len,
         memory.describe(F::DTYPE),
         options.head_chunk,
+        options.recompute,
     );
     eprintln!(
         "steps {}, batch {} × seq {} × accum {} = {} tokens/step, lr {:e} (warm-up {}, floor {}×), wd {}, clip {}",
@@ -724,8 +734,7 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
             ));
         }
         bar.set_position(done);
-        if eval_now && let Some(val) = trainer.validate(dev)?
-        {
+        if eval_now && let Some(val) = trainer.validate(dev)? {
             best_val = best_val.min(val);
             last_val = Some(val);
             writeln!(log, "{}", json!({"step": done, "val_loss": val, "val_perplexity": val.exp()}))?;

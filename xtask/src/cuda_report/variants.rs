@@ -69,7 +69,8 @@ fn run_workload<F: FloatElement>(device: &Device<OfflineCuda>, w: &Workload) -> 
     // The trainer's weight gradients are f32 whatever the compute type.
     let mut grads = Params::<OfflineCuda, f32>::zeros(device, &config)?;
     // As the trainer runs it: the logits in blocks of rows (the matmuls see the block's rows).
-    let mut acts = Activations::<OfflineCuda, F>::with_head(device, &config, w.batch, w.seq, HeadChunk::Auto)?;
+    let mut acts =
+        Activations::<OfflineCuda, F>::with_head(device, &config, w.batch, w.seq, HeadChunk::Auto)?;
     let tokens = w.batch * w.seq;
     let ids = model.token_ids(device, &vec![1; tokens], w.batch, w.seq)?;
     let targets = model.targets(device, &vec![2; tokens])?;
