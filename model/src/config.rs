@@ -615,6 +615,17 @@ impl fmt::Display for LlamaConfig {
             let m = self.training_memory(1, context, bytes, master, head_rows, Default::default());
             writeln!(f, "training step, batch 1 × {context} tokens, {label}: {}", m.describe(dtype))?;
         }
+        let m = self.training_memory(1, context, 2, true, head_rows, crate::activations::Recompute::Layer);
+        writeln!(
+            f,
+            "  the bf16 step recomputing each layer in the backward (--recompute layer): {}",
+            m.describe("bf16")
+        )?;
+        writeln!(
+            f,
+            "  (logits {head_rows} rows at a time, --lm-head-chunk auto; `cargo xtask config NAME --batch B \
+             --seq-len T --dtype D ...` sizes another step)"
+        )?;
         Ok(())
     }
 }

@@ -145,7 +145,14 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
         }
         for l in 0..layers {
             let (slot, next) = (acts.slot(l), acts.slot(l + 1));
-            self.layer_forward_to_mlp(device, &mut acts.layers[slot], &acts.stream[l], &acts.q_proj, &acts.k_proj, l)?;
+            self.layer_forward_to_mlp(
+                device,
+                &mut acts.layers[slot],
+                &acts.stream[l],
+                &acts.q_proj,
+                &acts.k_proj,
+                l,
+            )?;
             let out = &mut acts.stream[l + 1];
             linear_forward(device, out, &acts.layers[slot].act, p.layer(l, LayerWeight::Down))?;
             // stream[l+1] = mid + down(…), fused with the norm that reads it: the next layer's

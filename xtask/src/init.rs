@@ -1,10 +1,12 @@
 //! `cargo xtask init`: a freshly initialised checkpoint; `cargo xtask config`: what a
 //! configuration costs.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use model::LlamaConfig;
+use model::activations::{HeadChunk, Recompute};
 use model::checkpoint::{self, SaveOptions, StoredDType};
 use std::path::{Path, PathBuf};
+use trainer::precision::MasterWeights;
 
 #[derive(clap::Args)]
 pub struct InitArgs {
@@ -30,6 +32,41 @@ pub struct InitArgs {
 pub struct ConfigArgs {
     /// A preset name, a checkpoint directory or a config.json.
     what: String,
+    /// Sequences per micro-batch of the step to size (any of the step flags below prints that
+    /// one step's memory instead of the summary) [default: 1].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sequence [default: the model's context].
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Compute type [default: f32].
+    #[arg(long, value_parser = ["f32", "f16", "bf16"])]
+    dtype: Option<String>,
+    /// With f16/bf16: keep an f32 master copy of the weights (`f32`) or not (`none`)
+    /// [default: f32].
+    #[arg(long, value_name = "f32|none")]
+    master_weights: Option<MasterWeights>,
+    /// Rows of logits at a time, as `train --lm-head-chunk` [default: auto].
+    #[arg(long, value_name = "auto|full|ROWS")]
+    lm_head_chunk: Option<HeadChunk>,
+    /// As `train --recompute` [default: none].
+    #[arg(long, value_name = "none|layer")]
+    recompute: Option<Recompute>,
+    /// Print the step's memory as one JSON object (bytes; `per_gpu_bytes` is the total).
+    #[arg(long)]
+    json: bool,
+}
+
+impl ConfigArgs {
+    fn sizes_a_step(&self) -> bool {
+        self.batch.is_some()
+            || self.seq_len.is_some()
+            || self.dtype.is_some()
+            || self.master_weights.is_some()
+            || self.lm_head_chunk.is_some()
+            || self.recompute.is_some()
+            || self.json
+    }
 }
 
 fn config_from(preset: &str, file: Option<&Path>) -> Result<LlamaConfig> {
@@ -58,6 +95,55 @@ pub fn init(args: InitArgs) -> Result<()> {
 pub fn show(args: ConfigArgs) -> Result<()> {
     let path = Path::new(&args.what);
     let config = if path.exists() { config_from("", Some(path))? } else { config_from(&args.what, None)? };
+    if !args.sizes_a_step() {
+        print!("{config}");
+        return Ok(());
+    }
+    let batch = args.batch.unwrap_or(1);
+    let seq = args.seq_len.unwrap_or(config.max_position_embeddings);
+    if batch == 0 || seq == 0 {
+        bail!("--batch and --seq-len must be positive");
+    }
+    if seq > config.max_position_embeddings {
+        bail!(
+            "--seq-len {seq} exceeds the model's context (max_position_embeddings {})",
+            config.max_position_embeddings
+        );
+    }
+    let dtype = args.dtype.as_deref().unwrap_or("f32");
+    let bytes = if dtype == "f32" { 4 } else { 2 };
+    let master = dtype != "f32" && args.master_weights.unwrap_or(MasterWeights::F32) == MasterWeights::F32;
+    let head = args.lm_head_chunk.unwrap_or_default();
+    let recompute = args.recompute.unwrap_or_default();
+    let head_rows = head.rows(&config, batch * seq)?;
+    let m = config.training_memory(batch, seq, bytes, master, head_rows, recompute);
+    if args.json {
+        let doc = serde_json::json!({
+            "what": args.what,
+            "parameters": config.parameter_count(),
+            "batch": batch,
+            "seq_len": seq,
+            "dtype": dtype,
+            "master_weights": master,
+            "lm_head_chunk": head.to_string(),
+            "head_rows": head_rows,
+            "recompute": recompute.to_string(),
+            "parameters_bytes": m.parameters,
+            "master_bytes": m.master,
+            "gradients_bytes": m.gradients,
+            "optimizer_bytes": m.optimizer,
+            "activations_bytes": m.activations,
+            "per_gpu_bytes": m.total(),
+        });
+        println!("{doc}");
+        return Ok(());
+    }
     print!("{config}");
+    println!(
+        "this step: batch {batch} × {seq} tokens, {dtype}{}, logits {head_rows} rows at a time (--lm-head-chunk \
+         {head}), --recompute {recompute}: {}",
+        if master { " with f32 master weights" } else { "" },
+        m.describe(dtype)
+    );
     Ok(())
 }
