@@ -22,7 +22,11 @@ use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forwa
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
 use kernels::matmul::{MatmulRoutine, linear_backward_input, linear_backward_weight, linear_forward};
-use kernels::rmsnorm::{rmsnorm_backward, rmsnorm_backward_scratch_rows, rmsnorm_forward};
+use kernels::residual::residual_add;
+use kernels::rmsnorm::{
+    rmsnorm_backward, rmsnorm_backward_accumulate, rmsnorm_backward_scratch_rows, rmsnorm_forward,
+    rmsnorm_forward_residual,
+};
 use kernels::rope::{RopeTable, rope_backward, rope_forward};
 use kernels::swiglu::{swiglu_backward, swiglu_forward};
 use serde::Serialize;
@@ -313,8 +317,39 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
             Ok(rmsnorm_forward(dev, &mut out, &mut rstd, &x, &weight, 1e-5)?)
         })?;
         // read dout, x, weight, rstd, dweight; write dx, dweight
-        ctx.measure("rmsnorm", "backward", dt, label, 3 * act + 3 * param + stat, || {
+        ctx.measure("rmsnorm", "backward", dt, label.clone(), 3 * act + 3 * param + stat, || {
             Ok(rmsnorm_backward(dev, &mut dx, &mut dweight, &mut scratch, &dout, &x, &weight, &rstd)?)
+        })?;
+        // The residual add fused with the norm after it, against the two kernels it replaces
+        // (in the same run). Each repetition adds the residual again: the stream grows by 1e-3.
+        let residual = filled::<R, F>(dev, &shape, 1e-3)?;
+        let mut stream = filled::<R, F>(dev, &shape, 0.5)?;
+        // read x, residual, weight; write x, out, rstd
+        ctx.measure("rmsnorm", "fwd + residual, fused", dt, label.clone(), 4 * act + param + stat, || {
+            Ok(rmsnorm_forward_residual(dev, &mut out, &mut rstd, &mut stream, &residual, &weight, 1e-5)?)
+        })?;
+        // residual_add: read x, residual, write x; then the norm: read x, write out
+        ctx.measure("rmsnorm", "residual_add then fwd", dt, label.clone(), 5 * act + param + stat, || {
+            residual_add(dev, &mut stream, &residual)?;
+            Ok(rmsnorm_forward(dev, &mut out, &mut rstd, &stream, &weight, 1e-5)?)
+        })?;
+        // …and the backward adding into the stream's gradient: reads dx as well
+        ctx.measure("rmsnorm", "backward +=, fused", dt, label.clone(), 4 * act + 3 * param + stat, || {
+            Ok(rmsnorm_backward_accumulate(
+                dev,
+                &mut dx,
+                &mut dweight,
+                &mut scratch,
+                &dout,
+                &x,
+                &weight,
+                &rstd,
+            )?)
+        })?;
+        let mut branch = GpuTensor::<R, F>::uninit(dev, &shape)?;
+        ctx.measure("rmsnorm", "backward then residual_add", dt, label, 6 * act + 3 * param + stat, || {
+            rmsnorm_backward(dev, &mut branch, &mut dweight, &mut scratch, &dout, &x, &weight, &rstd)?;
+            Ok(residual_add(dev, &mut dx, &branch)?)
         })?;
     }
 

@@ -5,6 +5,7 @@
 use crate::train::{TrainArgs, drive};
 use anyhow::{Context, Result, bail};
 use dsl::{BackendRuntime, Device, FloatElement, OnDevice};
+use model::activations::HeadChunk;
 use model::{Llama, LlamaConfig, Params};
 use std::io::Write;
 use std::path::PathBuf;
@@ -60,13 +61,31 @@ fn sft_defaults(context: usize) -> TrainOptions {
 }
 
 /// The micro-batch and accumulation that make `total` sequences per step: the largest power of
-/// two whose logits buffer (the largest) fits the device's buffer limit.
-fn split_batch(total: usize, seq: usize, vocab: usize, max_buffer_bytes: u64) -> (usize, usize) {
+/// two whose largest activation buffer fits the device's buffer limit (`largest(micro)`, in
+/// bytes: see [`largest_buffer_bytes`]).
+fn split_batch(total: usize, largest: impl Fn(usize) -> u64, max_buffer_bytes: u64) -> (usize, usize) {
     let mut micro = total.next_power_of_two().min(total);
-    while micro > 1 && (micro * seq * vocab * 4) as u64 > max_buffer_bytes {
+    while micro > 1 && largest(micro) > max_buffer_bytes {
         micro /= 2;
     }
     (micro, total.div_ceil(micro))
+}
+
+/// The largest single buffer of a step at `micro × seq` (f32 bytes, the widest type): a
+/// hidden-width activation (`[B·T, max(C, Hq·hd, MLP)]`) or a block of logits (`[rows, V]`,
+/// all `B·T` rows when the head is not chunked).
+fn largest_buffer_bytes(
+    config: &LlamaConfig,
+    vocab: usize,
+    head: HeadChunk,
+    micro: usize,
+    seq: usize,
+) -> u64 {
+    let n = micro * seq;
+    let widest = config.hidden_size.max(config.q_dim()).max(config.intermediate_size);
+    let config = LlamaConfig { vocab_size: vocab, ..config.clone() };
+    let head_rows = head.rows(&config, n).unwrap_or(n);
+    (n * widest).max(head_rows * vocab) as u64 * 4
 }
 
 /// Everything decided on the host before the device opens.
@@ -74,6 +93,8 @@ struct Prepared {
     tokenizer: TextTokenizer,
     /// The vocabulary the model must have (grown for the separator if needed).
     vocab_size: usize,
+    /// The model's shape (before the vocabulary grows for the separator).
+    config: Option<LlamaConfig>,
     options: TrainOptions,
     sft: SftOptions,
     examples: Vec<Example>,
@@ -182,6 +203,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         Prepared {
             tokenizer,
             vocab_size,
+            config: None,
             options: state.options,
             sft,
             examples,
@@ -234,6 +256,7 @@ pub fn run(args: SftArgs) -> Result<()> {
         Prepared {
             tokenizer,
             vocab_size,
+            config: Some(config),
             options,
             sft,
             examples,
@@ -287,6 +310,7 @@ impl Sft<'_> {
         let Prepared {
             tokenizer,
             vocab_size,
+            config: prepared_config,
             mut options,
             sft,
             examples,
@@ -304,7 +328,13 @@ impl Sft<'_> {
                 (Some(b), Some(k)) => (b, k),
                 (Some(b), None) => (b, total.div_ceil(b)),
                 (None, Some(k)) => (total.div_ceil(k), k),
-                (None, None) => split_batch(total, options.seq_len, vocab_size, dev.info().max_buffer_bytes),
+                (None, None) => {
+                    let config = prepared_config.as_ref().expect("a fresh run knows its model");
+                    let largest = |micro| {
+                        largest_buffer_bytes(config, vocab_size, options.head_chunk, micro, options.seq_len)
+                    };
+                    split_batch(total, largest, dev.info().max_buffer_bytes)
+                }
             };
         }
         let ids = SpecialIds::of(&tokenizer, &sft.separator)?.parsing_special(sft.parse_special_tokens);
@@ -438,4 +468,26 @@ pub fn data(args: SftDataArgs) -> Result<()> {
         args.max_len
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-2-7B at 4096 tokens under a 2 GiB buffer limit: with the chunked head the MLP's
+    /// `[B·T, 11008]` f32 is the largest buffer (8 sequences: 1.34 GiB; 16 would be 2.7 GiB);
+    /// with the logits whole, `[B·T, 32000]` is (4 sequences: 1.95 GiB).
+    #[test]
+    fn the_micro_batch_is_sized_by_the_largest_buffer() {
+        let config = LlamaConfig::preset("llama2-7b").unwrap();
+        let limit = 2u64 << 30;
+        for (head, micro) in [(HeadChunk::Auto, 8), (HeadChunk::Full, 4)] {
+            let largest = |m| largest_buffer_bytes(&config, 32000, head, m, 4096);
+            assert_eq!(split_batch(SFT_SEQUENCES_PER_STEP, largest, limit), (micro, 64 / micro), "{head}");
+        }
+        // A tiny model fits all 64 sequences at once.
+        let tiny = LlamaConfig::preset("tiny").unwrap();
+        let largest = |m| largest_buffer_bytes(&tiny, 512, HeadChunk::Auto, m, 256);
+        assert_eq!(split_batch(SFT_SEQUENCES_PER_STEP, largest, limit), (64, 1));
+    }
 }
