@@ -295,7 +295,7 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     /// device until [`Self::read_steps`], then the validation sum.
     figures: dsl::GpuTensor<R, f32>,
     queued: Vec<QueuedStep>,
-    /// When the figures were last read (the queued steps' time runs from here).
+    /// When the queued steps began (their time runs from here).
     last_read: Instant,
 }
 
@@ -590,6 +590,10 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         if self.queued.len() == MAX_QUEUED_STEPS {
             reports = self.read_steps(device)?;
         }
+        if self.queued.is_empty() {
+            // Time between a read and the next step (evaluations, checkpoints) is not step time.
+            self.last_read = Instant::now();
+        }
         let slot = self.queued.len();
         self.grads.zero(device)?;
         let batches = self.next_micro_batches()?;
@@ -630,25 +634,38 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     /// Reads the figures of every queued step in one transfer (waiting for them to finish) and
     /// returns them in order. The first step whose loss (or, without loss scaling, gradient
     /// norm) is not finite is an error naming it: the run must stop, and no checkpoint may be
-    /// written from its weights.
+    /// written from its weights. [`Self::read_steps_until_error`] also returns the good steps
+    /// before it.
     pub fn read_steps(&mut self, device: &Device<R>) -> Result<Vec<StepReport>> {
+        match self.read_steps_until_error(device)? {
+            (reports, None) => Ok(reports),
+            (_, Some(error)) => Err(error),
+        }
+    }
+
+    /// [`Self::read_steps`], returning the figures of the steps before the first non-finite one
+    /// along with its error (so they can be logged before the run stops). A failed read is an
+    /// error of its own.
+    pub fn read_steps_until_error(
+        &mut self,
+        device: &Device<R>,
+    ) -> Result<(Vec<StepReport>, Option<TrainError>)> {
         if self.queued.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let figures = self.figures.to_vec(device)?;
-        let now = Instant::now();
-        let seconds = now.duration_since(self.last_read).as_secs_f64() / self.queued.len() as f64;
-        self.last_read = now;
+        let seconds = self.last_read.elapsed().as_secs_f64() / self.queued.len() as f64;
+        self.last_read = Instant::now();
         let queued = std::mem::take(&mut self.queued);
         let scaled = self.state.loss_scale.is_some();
         let mut reports = Vec::with_capacity(queued.len());
         for (i, q) in queued.into_iter().enumerate() {
             let (loss, grad_norm) = (figures[2 * i] as f64, figures[2 * i + 1] as f64);
             if !loss.is_finite() {
-                return Err(TrainError::NonFinite { step: q.step, loss });
+                return Ok((reports, Some(TrainError::NonFinite { step: q.step, loss })));
             }
             if !scaled && !grad_norm.is_finite() {
-                return Err(TrainError::NonFiniteGradient { step: q.step, grad_norm });
+                return Ok((reports, Some(TrainError::NonFiniteGradient { step: q.step, grad_norm })));
             }
             reports.push(StepReport {
                 step: q.step,
@@ -662,7 +679,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
                 loss_scale: q.loss_scale,
             });
         }
-        Ok(reports)
+        Ok((reports, None))
     }
 
     /// One optimizer step, waited for and read: [`Self::queue_step`] then [`Self::read_steps`].

@@ -686,8 +686,11 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
                 LogEvery::Steps(n) => done.is_multiple_of(n),
                 LogEvery::Auto => last_read.elapsed().as_secs_f64() >= 1.0,
             };
+        let mut stop = None;
         if read_now {
-            reports.extend(trainer.read_steps(dev)?);
+            let (read, error) = trainer.read_steps_until_error(dev)?;
+            reports.extend(read);
+            stop = error;
             last_read = Instant::now();
         }
         for report in &reports {
@@ -734,6 +737,11 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
             ));
         }
         bar.set_position(done);
+        if let Some(error) = stop {
+            // The good steps before it are logged; the last checkpoint written stays as it was.
+            bar.abandon();
+            return Err(error.into());
+        }
         if eval_now && let Some(val) = trainer.validate(dev)? {
             best_val = best_val.min(val);
             last_val = Some(val);
