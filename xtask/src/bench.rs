@@ -325,16 +325,16 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
         let residual = filled::<R, F>(dev, &shape, 1e-3)?;
         let mut stream = filled::<R, F>(dev, &shape, 0.5)?;
         // read x, residual, weight; write x, out, rstd
-        ctx.measure("rmsnorm", "fwd + residual, fused", dt, label.clone(), 4 * act + param + stat, || {
+        ctx.measure("rmsnorm", "fwd+resid", dt, label.clone(), 4 * act + param + stat, || {
             Ok(rmsnorm_forward_residual(dev, &mut out, &mut rstd, &mut stream, &residual, &weight, 1e-5)?)
         })?;
         // residual_add: read x, residual, write x; then the norm: read x, write out
-        ctx.measure("rmsnorm", "residual_add then fwd", dt, label.clone(), 5 * act + param + stat, || {
+        ctx.measure("rmsnorm", "resid;fwd", dt, label.clone(), 5 * act + param + stat, || {
             residual_add(dev, &mut stream, &residual)?;
             Ok(rmsnorm_forward(dev, &mut out, &mut rstd, &stream, &weight, 1e-5)?)
         })?;
         // …and the backward adding into the stream's gradient: reads dx as well
-        ctx.measure("rmsnorm", "backward +=, fused", dt, label.clone(), 4 * act + 3 * param + stat, || {
+        ctx.measure("rmsnorm", "bwd+=", dt, label.clone(), 4 * act + 3 * param + stat, || {
             Ok(rmsnorm_backward_accumulate(
                 dev,
                 &mut dx,
@@ -347,7 +347,7 @@ fn bench_dtype<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens:
             )?)
         })?;
         let mut branch = GpuTensor::<R, F>::uninit(dev, &shape)?;
-        ctx.measure("rmsnorm", "backward then residual_add", dt, label, 6 * act + 3 * param + stat, || {
+        ctx.measure("rmsnorm", "bwd;resid", dt, label, 6 * act + 3 * param + stat, || {
             rmsnorm_backward(dev, &mut branch, &mut dweight, &mut scratch, &dout, &x, &weight, &rstd)?;
             Ok(residual_add(dev, &mut dx, &branch)?)
         })?;
