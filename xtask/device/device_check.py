@@ -100,11 +100,17 @@ def load_results(results):
             steps.append(row)
     memory = [int(x) for x in (read_text(os.path.join(results, "train_memory.txt")) or "").split() if x.isdigit()]
     if steps:
-        # The first steps compile kernels; the median of the rest is the steady state.
-        steady = steps[2:] if len(steps) > 3 else steps[-1:]
+        # Steps read together share one time (--log-every); the first read interval includes
+        # compiling the kernels. The steady state is the rest, weighted by time.
+        first = 0
+        while first < len(steps) and steps[first]["tokens_per_s"] == steps[0]["tokens_per_s"]:
+            first += 1
+        steady = steps[max(first, 2):] or steps[-1:]
+        seconds = sum(s["tokens"] / s["tokens_per_s"] for s in steady if s.get("tokens_per_s"))
         out["train"] = {
             "steps": len(steps),
-            "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steady),
+            "steady_steps": len(steady),
+            "tokens_per_s": sum(s["tokens"] for s in steady) / seconds if seconds else None,
             "peak_memory_mib": max(memory) if memory else None,
             "memory_source": "nvidia-smi memory.used (whole device), sampled every 200 ms",
         }
