@@ -208,6 +208,18 @@ fn loss_scaling<R: BackendRuntime>(dev: &Device<R>) {
         t.state.loss_scale.unwrap().scale
     );
     assert!(skips >= 1 && growths >= 1, "the test must see both: {skips} skips, {growths} growths");
+
+    // A loss-scaled step is read as it is queued (the host decides whether to apply it).
+    let reports = t.queue_step(dev).unwrap();
+    assert_eq!(reports.iter().map(|r| r.step).collect::<Vec<_>>(), [options.steps]);
+    // A non-finite loss found by that read: the call returns the good steps (none here), and
+    // the next call returns the error naming the step.
+    let mut poisoned = t.weights_to_host(dev).unwrap();
+    poisoned[0].fill(f32::NAN);
+    t.set_weights(dev, &poisoned).unwrap();
+    assert!(t.queue_step(dev).unwrap().is_empty());
+    let err = t.queue_step(dev).unwrap_err().to_string();
+    assert!(err.starts_with(&format!("the loss of step {} is NaN", options.steps + 1)), "{err}");
 }
 
 #[test]

@@ -297,6 +297,9 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     queued: Vec<QueuedStep>,
     /// When the queued steps began (their time runs from here).
     last_read: Instant,
+    /// A non-finite step found by a read inside [`Self::queue_step`], returned by the next call
+    /// (after the good steps before it were returned).
+    pending_error: Option<TrainError>,
 }
 
 /// The state saved in checkpoint `dir`.
@@ -424,6 +427,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             figures,
             queued: Vec::new(),
             last_read: Instant::now(),
+            pending_error: None,
         })
     }
 
@@ -580,15 +584,20 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     /// Launches one optimizer step (`grad_accum` micro-batches forward and backward, clip,
     /// AdamW) without waiting for it; its loss and gradient norm stay on the device until
     /// [`Self::read_steps`]. Returns the figures it had to read: none, except when the queue is
-    /// full or the run scales its loss (then this step's and any queued before it).
+    /// full or the run scales its loss (then this step's and any queued before it). A
+    /// non-finite step found by such a read is the error of the next call to this or to
+    /// [`Self::read_steps`], after the good steps before it were returned.
     ///
     /// Under loss scaling a step whose gradients overflowed changes no weight or moment (it is
     /// reported `skipped` and the scale backs off); without it a non-finite gradient norm stops
     /// the run when read.
     pub fn queue_step(&mut self, device: &Device<R>) -> Result<Vec<StepReport>> {
+        if let Some(error) = self.pending_error.take() {
+            return Err(error);
+        }
         let mut reports = Vec::new();
-        if self.queued.len() == MAX_QUEUED_STEPS {
-            reports = self.read_steps(device)?;
+        if self.queued.len() == MAX_QUEUED_STEPS && self.read_inside_step(device, &mut reports)? {
+            return Ok(reports);
         }
         if self.queued.is_empty() {
             // Time between a read and the next step (evaluations, checkpoints) is not step time.
@@ -621,9 +630,19 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         }
         self.state.step += 1;
         if self.state.loss_scale.is_some() {
-            reports.extend(self.read_steps(device)?);
+            self.read_inside_step(device, &mut reports)?;
         }
         Ok(reports)
+    }
+
+    /// A read [`Self::queue_step`] must make: the good steps' figures go into `reports`, and a
+    /// non-finite one is kept for the next call (which returns it), so the caller can log the
+    /// good steps first. Returns whether such an error is pending.
+    fn read_inside_step(&mut self, device: &Device<R>, reports: &mut Vec<StepReport>) -> Result<bool> {
+        let (read, error) = self.read_steps_until_error(device)?;
+        reports.extend(read);
+        self.pending_error = error;
+        Ok(self.pending_error.is_some())
     }
 
     /// Steps launched by [`Self::queue_step`] whose figures have not been read.
@@ -650,6 +669,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         &mut self,
         device: &Device<R>,
     ) -> Result<(Vec<StepReport>, Option<TrainError>)> {
+        if let Some(error) = self.pending_error.take() {
+            return Ok((Vec::new(), Some(error)));
+        }
         if self.queued.is_empty() {
             return Ok((Vec::new(), None));
         }
