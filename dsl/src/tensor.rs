@@ -185,7 +185,11 @@ impl<R: Runtime, E: Element> GpuTensor<R, E> {
         if start.checked_add(count).is_none_or(|end| end > rows) || count == 0 {
             return Err(Error::InvalidArgument {
                 op: "rows_view",
-                message: format!("rows {start}..{} of a tensor of shape {:?}", start + count, self.shape),
+                message: format!(
+                    "rows {start}..{} of a tensor of shape {:?}",
+                    start.saturating_add(count),
+                    self.shape
+                ),
             });
         }
         let row_bytes = (cols * size_of::<E>()) as u64;

@@ -90,7 +90,7 @@ impl<R: Runtime> Targets<R> {
     /// Rows `start .. start + count` (a view, no copy) with the same denominator and loss
     /// scale, so blocks of rows add up to the whole batch's loss and gradient. `counted` is
     /// left as the whole batch's (the host does not know which rows a block counts).
-    /// Errors as [`GpuTensor::rows_view`] (the start must be 64-row aligned).
+    /// Errors as [`GpuTensor::rows_view`] (the start must be a multiple of 64 rows: 256 bytes).
     pub fn rows(&self, start: usize, count: usize) -> Result<Self> {
         let column = self.targets.reshape(&[self.len(), 1])?;
         Ok(Self { targets: column.rows_view(start, count)?.reshape(&[count])?, ..self.clone() })
@@ -230,17 +230,6 @@ fn check_shapes<R: Runtime, F: FloatElement>(
     targets: &Targets<R>,
     row_loss: &GpuTensor<R, f32>,
 ) -> Result<(usize, usize)> {
-    device_free_checks(op, logits, targets)?;
-    let &[rows, vocab] = logits.shape() else { unreachable!("checked above") };
-    Error::check_shape(op, "row_loss", row_loss.shape(), &[rows])?;
-    Ok((rows, vocab))
-}
-
-fn device_free_checks<R: Runtime, F: FloatElement>(
-    op: &'static str,
-    logits: &GpuTensor<R, F>,
-    targets: &Targets<R>,
-) -> Result<()> {
     let &[rows, vocab] = logits.shape() else {
         return Err(Error::InvalidArgument {
             op,
@@ -257,7 +246,8 @@ fn device_free_checks<R: Runtime, F: FloatElement>(
             ),
         });
     }
-    Ok(())
+    Error::check_shape(op, "row_loss", row_loss.shape(), &[rows])?;
+    Ok((rows, vocab))
 }
 
 /// 1/denominator (0 when nothing counts), the factor the loss is multiplied by.

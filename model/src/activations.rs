@@ -23,9 +23,11 @@ use std::str::FromStr;
 
 /// How many rows of logits the lm_head and cross-entropy compute at a time (Liger's fused
 /// linear cross-entropy): for each block, logits → loss and their gradient in place → the
-/// block's input gradient and its lm_head weight-gradient term. The loss and every gradient
-/// but lm_head's are bit-identical to [`HeadChunk::Full`]; lm_head's gradient sums the blocks'
-/// terms in another order (f32 round-off; the tests state the tolerance).
+/// block's input gradient and its lm_head weight-gradient term. On wgpu (tested on lavapipe)
+/// the loss and every gradient but lm_head's are bit-identical to [`HeadChunk::Full`], and
+/// lm_head's gradient sums the blocks' terms in another order (f32 round-off; the tests state
+/// the tolerance). On CUDA the tensor-core GEMM picks its tiling from the row count, so a
+/// block's logits may round differently from the whole's (not yet checked on a GPU).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HeadChunk {

@@ -309,7 +309,9 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
     /// [`Self::backward`], computing the logits (with a chunked head) a block at a time: each
     /// block's logits → its rows' loss and, in place, their gradient → its rows of the final
     /// norm's input gradient and its term of lm_head's gradient. `ids` must be those of the
-    /// forward; gradients are added into `grads` as [`Self::backward`] does.
+    /// forward; gradients are added into `grads` as [`Self::backward`] does. Each forward
+    /// allows one call: it overwrites the logits with their gradient and, recomputing, the
+    /// shared layer buffers.
     pub fn loss_backward<G: FloatElement>(
         &self,
         device: &Device<R>,
@@ -339,7 +341,8 @@ impl<R: Runtime, F: FloatElement> Llama<R, F> {
     /// Adds the gradient of the loss of the last [`Self::loss`] (with `with_grad`) into
     /// `grads`. `ids` must be those of the forward. `grads` may be f32 under f16/bf16 compute
     /// (`G` ≠ `F`): every weight gradient is then summed and stored in f32 (activation
-    /// gradients stay in `F`). Needs the logits kept whole (else [`Self::loss_backward`]).
+    /// gradients stay in `F`). Needs the logits kept whole (else [`Self::loss_backward`]), and
+    /// one call per forward (recomputing, it overwrites the shared layer buffers).
     pub fn backward<G: FloatElement>(
         &self,
         device: &Device<R>,

@@ -209,6 +209,12 @@ fn queued_steps<R: BackendRuntime>(dev: &Device<R>) {
     queued.queue_step(dev).unwrap();
     let err = queued.read_steps(dev).unwrap_err().to_string();
     assert!(err.starts_with("the loss of step 10 is NaN: stopping"), "{err}");
+    // After it, neither another step nor a checkpoint.
+    let err = queued.save(dev, &dir).unwrap_err().to_string();
+    assert!(err.contains("step 10 was not finite"), "{err}");
+    assert!(!dir.exists(), "nothing may be written after a non-finite step");
+    let err = queued.queue_step(dev).unwrap_err().to_string();
+    assert!(err.contains("step 10 was not finite"), "{err}");
 }
 
 #[test]

@@ -74,9 +74,9 @@ pub struct TrainOptions {
     #[serde(default)]
     pub precision: PrecisionOptions,
     /// Rows of logits computed at a time (see [`HeadChunk`]). Absent in checkpoints written
-    /// before 2026-11-30 (which kept the logits whole: the loss is the same to the bit; lm_head's
-    /// gradient differs by f32 round-off).
-    #[serde(default)]
+    /// before 2026-11-30, which kept the logits whole, so those resume with
+    /// [`HeadChunk::Full`].
+    #[serde(default = "whole_logits")]
     pub head_chunk: HeadChunk,
     /// What the forward keeps for the backward (see [`Recompute`]); changes no number, so a
     /// resumed run may change it.
@@ -137,6 +137,11 @@ impl TrainOptions {
         }
         self.precision.validate().map_err(TrainError::Options)
     }
+}
+
+/// What checkpoints without `head_chunk` did: keep the logits whole.
+fn whole_logits() -> HeadChunk {
+    HeadChunk::Full
 }
 
 /// Where a run stands: saved with every checkpoint.
@@ -300,6 +305,9 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     /// A non-finite step found by a read inside [`Self::queue_step`], returned by the next call
     /// (after the good steps before it were returned).
     pending_error: Option<TrainError>,
+    /// The first non-finite step read, if any: the weights are no longer trustworthy, so no
+    /// step is queued and no checkpoint is written after it.
+    non_finite_at: Option<u64>,
 }
 
 /// The state saved in checkpoint `dir`.
@@ -428,6 +436,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             queued: Vec::new(),
             last_read: Instant::now(),
             pending_error: None,
+            non_finite_at: None,
         })
     }
 
@@ -595,6 +604,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         if let Some(error) = self.pending_error.take() {
             return Err(error);
         }
+        self.refuse_after_non_finite("queue a step")?;
         let mut reports = Vec::new();
         if self.queued.len() == MAX_QUEUED_STEPS && self.read_inside_step(device, &mut reports)? {
             return Ok(reports);
@@ -645,6 +655,17 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         Ok(self.pending_error.is_some())
     }
 
+    /// An error once a non-finite step has been read: its weights must not train on or be saved.
+    fn refuse_after_non_finite(&self, what: &str) -> Result<()> {
+        match self.non_finite_at {
+            Some(step) => Err(TrainError::Options(format!(
+                "{what}: step {step} was not finite, so the weights after it are not trustworthy \
+                 (resume from the last checkpoint)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Steps launched by [`Self::queue_step`] whose figures have not been read.
     pub fn queued_steps(&self) -> usize {
         self.queued.len()
@@ -684,9 +705,11 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         for (i, q) in queued.into_iter().enumerate() {
             let (loss, grad_norm) = (figures[2 * i] as f64, figures[2 * i + 1] as f64);
             if !loss.is_finite() {
+                self.non_finite_at = Some(q.step);
                 return Ok((reports, Some(TrainError::NonFinite { step: q.step, loss })));
             }
             if !scaled && !grad_norm.is_finite() {
+                self.non_finite_at = Some(q.step);
                 return Ok((reports, Some(TrainError::NonFiniteGradient { step: q.step, grad_norm })));
             }
             reports.push(StepReport {
@@ -733,6 +756,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             }
             Source::Sft { val: Some(val), .. } => {
                 let count = val.micro_batches(0).min(wanted as u64);
+                if count == 0 {
+                    return Ok(None);
+                }
                 let batches: Vec<_> = (0..count).map(|k| val.batch(0, k)).collect();
                 self.run_batches(device, &batches, false, VALIDATION_SLOT, false)?;
                 Ok(Some(self.figures.to_vec(device)?[VALIDATION_SLOT] as f64))
@@ -753,8 +779,10 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     /// Writes the model, optimizer state and trainer state to `dir` (atomically, as one).
     ///
     /// Errors when steps are queued unread ([`Self::read_steps`] first): their weights have not
-    /// been checked for a non-finite loss, and a checkpoint must never hold such weights.
+    /// been checked for a non-finite loss, and a checkpoint must never hold such weights; and
+    /// once a non-finite step has been read.
     pub fn save(&self, device: &Device<R>, dir: &Path) -> Result<()> {
+        self.refuse_after_non_finite("save")?;
         if !self.queued.is_empty() {
             return Err(TrainError::Options(format!(
                 "save: {} queued steps have not been read (read_steps checks them first)",

@@ -104,6 +104,10 @@ pub fn show(args: ConfigArgs) -> Result<()> {
     if batch == 0 || seq == 0 {
         bail!("--batch and --seq-len must be positive");
     }
+    // The kernels index with 32 bits; this also keeps the byte sums far from overflowing.
+    if batch.checked_mul(seq).is_none_or(|n| n > u32::MAX as usize) {
+        bail!("--batch {batch} × --seq-len {seq} is more than 2^32 tokens per step");
+    }
     if seq > config.max_position_embeddings {
         bail!(
             "--seq-len {seq} exceeds the model's context (max_position_embeddings {})",

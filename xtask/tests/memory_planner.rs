@@ -63,6 +63,7 @@ fn bad_step_flags_are_clear_errors() {
         (&["tiny", "--lm-head-chunk", "100"][..], "must be a positive multiple of 128"),
         (&["tiny", "--seq-len", "100000"][..], "exceeds the model's context"),
         (&["tiny", "--recompute", "some"][..], "expected none or layer"),
+        (&["tiny", "--batch", "18446744073709551615"][..], "more than 2^32 tokens per step"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_xtask")).arg("config").args(args).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
