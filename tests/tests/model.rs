@@ -291,7 +291,7 @@ fn sizes_match<R: BackendRuntime>(dev: &Device<R>) {
             }
         }
     }
-    let err = HeadChunk::Rows(100).rows(&config, 1000).err().expect("not a multiple of 128");
+    let err = HeadChunk::Rows(100).rows(&config, 1000).expect_err("not a multiple of 128");
     assert!(err.to_string().contains("positive multiple of 128"), "{err}");
     let err = Activations::<R, f32>::new(dev, &config, 1, 65).err().expect("longer than the context");
     assert!(err.to_string().contains("sequence length 65 exceeds the model's context"), "{err}");
