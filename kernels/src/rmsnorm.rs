@@ -274,23 +274,9 @@ pub fn rmsnorm_forward_residual<R: Runtime, F: FloatElement>(
     weight: &GpuTensor<R, F>,
     eps: f32,
 ) -> Result<()> {
-    let cfg = RmsNormConfig::select::<R, F>(device, x.last_dim())?;
-    rmsnorm_forward_residual_with(device, out, rstd, x, residual, weight, eps, cfg)
-}
-
-/// [`rmsnorm_forward_residual`] with an explicit configuration.
-pub fn rmsnorm_forward_residual_with<R: Runtime, F: FloatElement>(
-    device: &Device<R>,
-    out: &mut GpuTensor<R, F>,
-    rstd: &mut GpuTensor<R, f32>,
-    x: &mut GpuTensor<R, F>,
-    residual: &GpuTensor<R, F>,
-    weight: &GpuTensor<R, F>,
-    eps: f32,
-    cfg: RmsNormConfig,
-) -> Result<()> {
     const OP: &str = "rmsnorm_forward_residual";
     Error::check_shape(OP, "residual", residual.shape(), x.shape())?;
+    let cfg = RmsNormConfig::select::<R, F>(device, x.last_dim())?;
     forward_launch(device, OP, out, rstd, x, Some(residual), weight, eps, cfg)
 }
 
