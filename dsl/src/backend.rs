@@ -99,6 +99,10 @@ impl FromStr for Backend {
 pub trait BackendRuntime: Runtime {
     const BACKEND: Backend;
     fn default_device() -> Self::Device;
+    /// The device of ordinal `index` (CUDA: the `index`-th GPU this process sees, after
+    /// `CUDA_VISIBLE_DEVICES`); backends without a numbering give their default device for 0
+    /// and `None` otherwise.
+    fn device_at(index: usize) -> Option<Self::Device>;
 }
 
 #[cfg(feature = "wgpu")]
@@ -108,6 +112,9 @@ impl BackendRuntime for cubecl::wgpu::WgpuRuntime {
     fn default_device() -> Self::Device {
         cubecl::wgpu::WgpuDevice::DefaultDevice
     }
+    fn device_at(index: usize) -> Option<Self::Device> {
+        (index == 0).then(Self::default_device)
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -115,6 +122,9 @@ impl BackendRuntime for cubecl::cuda::CudaRuntime {
     const BACKEND: Backend = Backend::Cuda;
     fn default_device() -> Self::Device {
         cubecl::cuda::CudaDevice { index: 0 }
+    }
+    fn device_at(index: usize) -> Option<Self::Device> {
+        Some(cubecl::cuda::CudaDevice { index })
     }
 }
 
@@ -195,8 +205,23 @@ impl<R: Runtime> Clone for Device<R> {
 impl<R: BackendRuntime> Device<R> {
     /// Opens the backend's default device. A missing driver or adapter is an error, not a panic.
     pub fn open() -> Result<Self> {
+        Self::open_device(R::default_device())
+    }
+
+    /// Opens device `index` of the backend (a data-parallel rank's `LOCAL_RANK`): an error when
+    /// the backend has no such device.
+    pub fn open_at(index: usize) -> Result<Self> {
+        let device = R::device_at(index).ok_or_else(|| Error::NoDevice {
+            backend: R::BACKEND,
+            reason: format!(
+                "device {index} was asked for, but this backend opens only its default device (0)"
+            ),
+        })?;
+        Self::open_device(device)
+    }
+
+    fn open_device(device: R::Device) -> Result<Self> {
         install_panic_monitor();
-        let device = R::default_device();
         let device_name = format!("{device:?}");
         let panics_before = DEVICE_PANICS.load(Ordering::SeqCst);
         OPENING.set(true);
@@ -377,6 +402,19 @@ pub fn on_device<T: OnDevice>(backend: Backend, task: T) -> Result<T::Output> {
         Backend::Wgpu => Ok(task.run(&Device::<cubecl::wgpu::WgpuRuntime>::open()?)),
         #[cfg(feature = "cuda")]
         Backend::Cuda => Ok(task.run(&Device::<cubecl::cuda::CudaRuntime>::open()?)),
+        #[allow(unreachable_patterns)]
+        other => Err(Error::BackendNotCompiled { backend: other, compiled: "none".into() }),
+    }
+}
+
+/// [`on_device`] on device `index` of `backend` (see [`Device::open_at`]).
+pub fn on_device_at<T: OnDevice>(backend: Backend, index: usize, task: T) -> Result<T::Output> {
+    backend.ensure_compiled()?;
+    match backend {
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => Ok(task.run(&Device::<cubecl::wgpu::WgpuRuntime>::open_at(index)?)),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => Ok(task.run(&Device::<cubecl::cuda::CudaRuntime>::open_at(index)?)),
         #[allow(unreachable_patterns)]
         other => Err(Error::BackendNotCompiled { backend: other, compiled: "none".into() }),
     }

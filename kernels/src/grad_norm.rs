@@ -11,6 +11,12 @@
 //! then `clip_grad_norm_`, without a pass over the gradients). A non-finite gradient makes the
 //! norm inf or NaN, which is how the trainer detects overflow.
 //!
+//! Sharded (data parallel, ZeRO-1): each rank computes [`grad_sum_squares`] over the tensors it
+//! owns, the ranks all-reduce those `[1]` sums, and [`grad_norm_from_sum_squares`] takes the
+//! square root and the clip scale: `norm = sqrt(Σ_ranks Σ_owned g²)`, as
+//! `torch.distributed.fsdp`'s `clip_grad_norm_` does. With one rank owning everything the two
+//! steps give [`grad_norm_unscaled`]'s bits (the same slots summed the same way).
+//!
 //! Deterministic: each tensor is split over a fixed number of cubes (a function of its size
 //! only), each cube writes one partial sum of squares to its own slot of `scratch`, and one
 //! cube sums the slots in a fixed order. f32 accumulation, tree-combined.
@@ -77,6 +83,35 @@ fn norm_and_scale_kernel(
     }
 }
 
+#[cube(launch_unchecked)]
+fn sum_slots_kernel(out: &mut Array<f32>, partials: &Array<f32>, slots: u32, #[comptime] cfg: CubeReduce) {
+    let mut acc = f32::new(0.0);
+    let mut i = UNIT_POS as usize;
+    while i < slots as usize {
+        acc += partials[i];
+        i += CUBE_DIM as usize;
+    }
+    let total = cube_sum(acc, cfg);
+    if UNIT_POS == 0 {
+        out[0] = total;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn norm_from_sum_squares_kernel(
+    norm: &mut Array<f32>,
+    clip_scale: &mut Array<f32>,
+    sum_squares: &Array<f32>,
+    max_norm: f32,
+    unscale: f32,
+) {
+    if UNIT_POS == 0 {
+        let total = f32::sqrt(sum_squares[0]) * unscale;
+        norm[0] = total;
+        clip_scale[0] = unscale * f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
+    }
+}
+
 /// `norm = ‖grads‖₂`, `clip_scale = min(1, max_norm / (norm + 1e-6))`. `scratch` is an f32
 /// tensor of at least [`grad_norm_scratch_len`] elements.
 pub fn grad_norm<R: Runtime, F: FloatElement>(
@@ -103,6 +138,85 @@ pub fn grad_norm_unscaled<R: Runtime, F: FloatElement>(
     max_norm: f32,
     unscale: f32,
 ) -> Result<()> {
+    check_scales(norm, clip_scale, max_norm, unscale)?;
+    let (slots, cfg) = launch_partials(device, scratch, grads)?;
+    // SAFETY: reads are guarded by `i < slots ≤ scratch length`; outputs have one element.
+    unsafe {
+        norm_and_scale_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(cfg.units),
+            norm.as_array_arg(),
+            clip_scale.as_array_arg(),
+            scratch.as_array_arg(),
+            slots as u32,
+            max_norm,
+            unscale,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// `sum_squares[0] = Σ_grads Σ g²` (f32, `=`): one rank's share of a sharded norm (see the module
+/// docs). `scratch` as for [`grad_norm`]; `grads` may be empty (the sum is 0).
+pub fn grad_sum_squares<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    sum_squares: &mut GpuTensor<R, f32>,
+    scratch: &mut GpuTensor<R, f32>,
+    grads: &[&GpuTensor<R, F>],
+) -> Result<()> {
+    Error::check_shape("grad_sum_squares", "sum_squares", sum_squares.shape(), &[1])?;
+    let (slots, cfg) = launch_partials(device, scratch, grads)?;
+    // SAFETY: reads are guarded by `i < slots ≤ scratch length`; the output has one element.
+    unsafe {
+        sum_slots_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(cfg.units),
+            sum_squares.as_array_arg(),
+            scratch.as_array_arg(),
+            slots as u32,
+            cfg,
+        );
+    }
+    Ok(())
+}
+
+/// `norm = unscale · sqrt(sum_squares)`, `clip_scale = unscale · min(1, max_norm / (norm +
+/// 1e-6))` (both `[1]`, `=`), from the all-reduced [`grad_sum_squares`] of every rank.
+pub fn grad_norm_from_sum_squares<R: Runtime>(
+    device: &Device<R>,
+    norm: &mut GpuTensor<R, f32>,
+    clip_scale: &mut GpuTensor<R, f32>,
+    sum_squares: &GpuTensor<R, f32>,
+    max_norm: f32,
+    unscale: f32,
+) -> Result<()> {
+    check_scales(norm, clip_scale, max_norm, unscale)?;
+    Error::check_shape("grad_norm", "sum_squares", sum_squares.shape(), &[1])?;
+    // SAFETY: every tensor has one element and one unit reads or writes index 0.
+    unsafe {
+        norm_from_sum_squares_kernel::launch_unchecked::<R>(
+            device.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(1),
+            norm.as_array_arg(),
+            clip_scale.as_array_arg(),
+            sum_squares.as_array_arg(),
+            max_norm,
+            unscale,
+        );
+    }
+    Ok(())
+}
+
+fn check_scales<R: Runtime>(
+    norm: &GpuTensor<R, f32>,
+    clip_scale: &GpuTensor<R, f32>,
+    max_norm: f32,
+    unscale: f32,
+) -> Result<()> {
     const OP: &str = "grad_norm";
     if !(unscale.is_finite() && unscale > 0.0) {
         return Err(Error::InvalidArgument {
@@ -110,7 +224,6 @@ pub fn grad_norm_unscaled<R: Runtime, F: FloatElement>(
             message: format!("unscale must be positive, got {unscale}"),
         });
     }
-    device.check_dtype::<F>(OP)?;
     Error::check_shape(OP, "norm", norm.shape(), &[1])?;
     Error::check_shape(OP, "clip_scale", clip_scale.shape(), &[1])?;
     if !(max_norm.is_finite() && max_norm > 0.0) {
@@ -119,6 +232,18 @@ pub fn grad_norm_unscaled<R: Runtime, F: FloatElement>(
             message: format!("max_norm must be positive, got {max_norm}"),
         });
     }
+    Ok(())
+}
+
+/// Launches every tensor's partial sums of squares into `scratch`; returns the slots written and
+/// the reduction config the final sum must use.
+fn launch_partials<R: Runtime, F: FloatElement>(
+    device: &Device<R>,
+    scratch: &mut GpuTensor<R, f32>,
+    grads: &[&GpuTensor<R, F>],
+) -> Result<(usize, CubeReduce)> {
+    const OP: &str = "grad_norm";
+    device.check_dtype::<F>(OP)?;
     let numels: Vec<usize> = grads.iter().map(|g| g.numel()).collect();
     let needed = grad_norm_scratch_len(&numels);
     if scratch.numel() < needed {
@@ -154,20 +279,5 @@ pub fn grad_norm_unscaled<R: Runtime, F: FloatElement>(
         }
         slot += cubes;
     }
-    // SAFETY: reads are guarded by `i < slots ≤ scratch length`; outputs have one element.
-    unsafe {
-        norm_and_scale_kernel::launch_unchecked::<R>(
-            device.client(),
-            CubeCount::Static(1, 1, 1),
-            CubeDim::new_1d(units),
-            norm.as_array_arg(),
-            clip_scale.as_array_arg(),
-            scratch.as_array_arg(),
-            slot as u32,
-            max_norm,
-            unscale,
-            cfg,
-        );
-    }
-    Ok(())
+    Ok((slot, cfg))
 }

@@ -2,7 +2,9 @@
 
 use dsl::{BackendRuntime, DType, Device, GpuTensor};
 use kernels::adamw::{AdamW, Rounding, adamw_step};
-use kernels::grad_norm::{grad_norm, grad_norm_scratch_len, grad_norm_unscaled};
+use kernels::grad_norm::{
+    grad_norm, grad_norm_from_sum_squares, grad_norm_scratch_len, grad_norm_unscaled, grad_sum_squares,
+};
 use kernels::reference::{adamw as reference_adamw, grad_norm as reference};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -125,6 +127,61 @@ fn unscaled_norm<R: BackendRuntime>(dev: &Device<R>) {
 #[test]
 fn grad_norm_unscales_loss_scaled_gradients() {
     on_test_backend!(unscaled_norm);
+}
+
+/// The sharded norm of data-parallel training: one share of Σg² per rank over the tensors it
+/// owns, summed across ranks (here on the host, in rank order, as the in-process group does),
+/// then the root. With one share holding every tensor it is `grad_norm_unscaled` bit for bit;
+/// split across 2 or 3 ranks it matches the f64 reference to f32 round-off (the sum is grouped
+/// differently), including a rank that owns nothing.
+fn sharded_norm<R: BackendRuntime>(dev: &Device<R>) {
+    let mut rng = DataRng::new(5);
+    let sizes = [4097usize, 17, 300_001, 1, 11008];
+    let values: Vec<Vec<f64>> = sizes.iter().map(|&n| f32::round_all(&rng.normals(n, 0.0, 0.3))).collect();
+    let grads: Vec<GpuTensor<R, f32>> =
+        values.iter().zip(&sizes).map(|(v, &n)| GpuTensor::from_f64(dev, v, &[n]).unwrap()).collect();
+    let mut scratch = GpuTensor::<R, f32>::zeros(dev, &[grad_norm_scratch_len(&sizes)]).unwrap();
+    let share = |scratch: &mut GpuTensor<R, f32>, owned: &[usize]| -> f32 {
+        let mut sum = GpuTensor::<R, f32>::full(dev, &[1], f32::NAN).unwrap();
+        let refs: Vec<&GpuTensor<R, f32>> = owned.iter().map(|&i| &grads[i]).collect();
+        grad_sum_squares(dev, &mut sum, scratch, &refs).unwrap();
+        sum.to_vec(dev).unwrap()[0]
+    };
+    let finish = |sum_squares: f32, unscale: f32| -> (f32, f32) {
+        let sum = GpuTensor::<R, f32>::from_slice(dev, &[sum_squares], &[1]).unwrap();
+        let (mut norm, mut scale) =
+            (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::zeros(dev, &[1]).unwrap());
+        grad_norm_from_sum_squares(dev, &mut norm, &mut scale, &sum, 1.0, unscale).unwrap();
+        (norm.to_vec(dev).unwrap()[0], scale.to_vec(dev).unwrap()[0])
+    };
+    let everything: Vec<usize> = (0..sizes.len()).collect();
+    for unscale in [1.0f32, 1.0 / 1024.0] {
+        let (mut norm, mut scale) =
+            (GpuTensor::zeros(dev, &[1]).unwrap(), GpuTensor::zeros(dev, &[1]).unwrap());
+        let refs: Vec<&GpuTensor<R, f32>> = grads.iter().collect();
+        grad_norm_unscaled(dev, &mut norm, &mut scale, &mut scratch, &refs, 1.0, unscale).unwrap();
+        let whole = (norm.to_vec(dev).unwrap()[0], scale.to_vec(dev).unwrap()[0]);
+        let one_rank = finish(0.0 + share(&mut scratch, &everything), unscale);
+        assert_eq!((one_rank.0.to_bits(), one_rank.1.to_bits()), (whole.0.to_bits(), whole.1.to_bits()));
+    }
+    let refs: Vec<&[f64]> = values.iter().map(Vec::as_slice).collect();
+    let (want_norm, want_scale) = reference::grad_norm(&refs, 1.0);
+    let tol = Tolerance::for_dtype(DType::F32);
+    for shares in [
+        vec![vec![2], vec![0, 1, 3, 4]],
+        vec![vec![2], vec![4, 1], vec![0, 3]],
+        vec![vec![], everything.clone()],
+    ] {
+        let sum = shares.iter().fold(0.0f32, |acc, owned| acc + share(&mut scratch, owned));
+        let (norm, scale) = finish(sum, 1.0);
+        check_close(&format!("sharded norm {shares:?}"), &[norm as f64], &[want_norm], &[1], tol).unwrap();
+        check_close(&format!("sharded clip {shares:?}"), &[scale as f64], &[want_scale], &[1], tol).unwrap();
+    }
+}
+
+#[test]
+fn sharded_grad_norm_equals_the_whole() {
+    on_test_backend!(sharded_norm);
 }
 
 /// Clipping end to end: the clip scale computed on the device feeds AdamW on the device, and

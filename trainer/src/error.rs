@@ -10,6 +10,8 @@ pub enum TrainError {
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Collective(#[from] collectives::CollectiveError),
     #[error("training options: {0}")]
     Options(String),
     #[error("--resume: {0}")]

@@ -7,6 +7,7 @@
 //! - [`corpus`]: the built-in corpus of the default run (generated text, byte tokens).
 //! - [`schedule`]: Llama 2's warm-up + cosine learning rate.
 //! - [`optimizer`]: AdamW with weight-decay groups and global-norm clipping.
+//! - [`parallel`]: data-parallel training over NCCL (or a test stand-in), with ZeRO-1.
 //! - [`precision`]: the mixed-precision policy: f32 master weights, stochastic rounding, f16
 //!   loss scaling.
 //! - [`sft`]: supervised fine-tuning data: JSON Lines, encoding, packing with answer-only targets.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod optimizer;
+pub mod parallel;
 pub mod precision;
 pub mod schedule;
 pub mod sft;

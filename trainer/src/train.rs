@@ -27,7 +27,8 @@
 
 use crate::data::{DetectedFormat, TokenStream};
 use crate::error::{Result, TrainError};
-use crate::optimizer::Optimizer;
+use crate::optimizer::{Optimizer, StateTensor};
+use crate::parallel::DataParallel;
 use crate::precision::{LossScaler, PrecisionOptions};
 use crate::schedule::Schedule;
 use crate::sft::{Encoded, Packing, SftBatches, SftOptions};
@@ -82,6 +83,14 @@ pub struct TrainOptions {
     /// resumed run may change it.
     #[serde(default)]
     pub recompute: Recompute,
+    /// Data-parallel ranks (see [`crate::parallel`]): an optimizer step reads `world_size ×
+    /// grad_accum` micro-batches of `batch` rows. Absent in checkpoints of single-rank runs.
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 impl Default for TrainOptions {
@@ -106,6 +115,7 @@ impl Default for TrainOptions {
             precision: PrecisionOptions::default(),
             head_chunk: HeadChunk::Auto,
             recompute: Recompute::None,
+            world_size: 1,
         }
     }
 }
@@ -125,6 +135,9 @@ impl TrainOptions {
         let bad = |message: String| Err(TrainError::Options(message));
         if self.steps == 0 || self.batch == 0 || self.seq_len == 0 || self.grad_accum == 0 {
             return bad("--steps, --batch, --seq-len and --grad-accum must be positive".into());
+        }
+        if self.world_size == 0 {
+            return bad("the world size must be positive".into());
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("--lr must be positive, got {}", self.lr));
@@ -308,6 +321,10 @@ pub struct Trainer<R: Runtime, F: FloatElement> {
     /// The first non-finite step read, if any: the weights are no longer trustworthy, so no
     /// step is queued and no checkpoint is written after it.
     non_finite_at: Option<u64>,
+    /// This rank's part in a data-parallel job, if any.
+    parallel: Option<DataParallel<R>>,
+    /// `[1]`: a data-parallel step's loss, summed over this rank's micro-batches, then ranks.
+    step_loss: dsl::GpuTensor<R, f32>,
 }
 
 /// The state saved in checkpoint `dir`.
@@ -346,7 +363,27 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         options: TrainOptions,
         data: impl Into<TrainData<'a>>,
     ) -> Result<Self> {
+        Self::new_parallel(device, model, options, data, None)
+    }
+
+    /// A fresh run as rank `parallel.rank()` of a data-parallel job (see [`crate::parallel`]);
+    /// `None` is [`Self::new`]. Every rank passes the same model, options and data.
+    /// `options.world_size` must be the job's.
+    pub fn new_parallel<'a>(
+        device: &Device<R>,
+        model: Llama<R, F>,
+        options: TrainOptions,
+        data: impl Into<TrainData<'a>>,
+        mut parallel: Option<DataParallel<R>>,
+    ) -> Result<Self> {
         options.validate()?;
+        let world = parallel.as_ref().map_or(1, DataParallel::world_size);
+        if options.world_size != world {
+            return Err(TrainError::Options(format!(
+                "the options say {} ranks but the job has {world}",
+                options.world_size
+            )));
+        }
         let vocab_size = model.config.vocab_size;
         let (source, path, sft) = match data.into() {
             TrainData::Tokens { train, val } => {
@@ -398,8 +435,22 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             weight_decay: options.weight_decay,
         };
         let precision = &options.precision;
-        let mut optimizer =
-            Optimizer::new(device, &specs, hp, options.grad_clip, precision.rounding, options.seed)?;
+        let keeps = match &mut parallel {
+            Some(parallel) => {
+                parallel.bind(&specs);
+                parallel.keeps_state()
+            }
+            None => vec![true; specs.len()],
+        };
+        let mut optimizer = Optimizer::sharded(
+            device,
+            &specs,
+            hp,
+            options.grad_clip,
+            precision.rounding,
+            options.seed,
+            &keeps,
+        )?;
         if precision.keeps_master(F::DTYPE) {
             // The compute copy's own values; [`Self::set_weights`] gives the unrounded ones.
             optimizer.keep_master(device, &model.params.to_host(device)?)?;
@@ -437,7 +488,19 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             last_read: Instant::now(),
             pending_error: None,
             non_finite_at: None,
+            parallel,
+            step_loss: dsl::GpuTensor::zeros(device, &[1])?,
         })
+    }
+
+    /// This rank (0 without data parallelism): only rank 0 writes files and logs.
+    pub fn rank(&self) -> usize {
+        self.parallel.as_ref().map_or(0, DataParallel::rank)
+    }
+
+    /// The job's data-parallel part, if any.
+    pub fn parallel_mut(&mut self) -> Option<&mut DataParallel<R>> {
+        self.parallel.as_mut()
     }
 
     /// Sets the weights to `values` (f32, spec order): the f32 master copy, when one is kept,
@@ -481,7 +544,31 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         steps: Option<u64>,
         recompute: Option<Recompute>,
     ) -> Result<Self> {
+        Self::resume_parallel(device, dir, data, steps, recompute, None)
+    }
+
+    /// [`Self::resume_with`] as a rank of a data-parallel job: every rank reads the same
+    /// checkpoint and keeps its share of the optimizer state. The job must have the world size
+    /// the checkpoint was trained with (it fixes the global batch); the ZeRO stage may differ.
+    pub fn resume_parallel<'a>(
+        device: &Device<R>,
+        dir: &Path,
+        data: impl Into<TrainData<'a>>,
+        steps: Option<u64>,
+        recompute: Option<Recompute>,
+        parallel: Option<DataParallel<R>>,
+    ) -> Result<Self> {
         let mut state = read_state(dir)?;
+        let world = parallel.as_ref().map_or(1, DataParallel::world_size);
+        if state.options.world_size != world {
+            return Err(TrainError::Resume(format!(
+                "{} was trained on {} rank(s) and this job has {world}: the global batch (ranks × \
+                 --batch × --grad-accum) would change; resume with {} rank(s) (--nproc-per-node)",
+                dir.display(),
+                state.options.world_size,
+                state.options.world_size
+            )));
+        }
         if let Some(steps) = steps {
             state.options.steps = steps;
         }
@@ -494,7 +581,7 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         let weights = saved.master.unwrap_or(checkpoint.tensors);
         let params = Params::from_host(device, &checkpoint.config, &weights)?;
         let model = Llama::<R, F>::new(device, checkpoint.config, params)?;
-        let mut trainer = Self::new(device, model, state.options.clone(), data)?;
+        let mut trainer = Self::new_parallel(device, model, state.options.clone(), data, parallel)?;
         trainer.set_weights(device, &weights)?;
         trainer.optimizer.step = state.optimizer_step.unwrap_or(state.step);
         trainer.optimizer.load_moments(device, &saved.moments)?;
@@ -514,9 +601,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         self.acts.head_rows
     }
 
-    /// Tokens per optimizer step.
+    /// Tokens per optimizer step, over all ranks.
     pub fn tokens_per_step(&self) -> usize {
-        self.options.batch * self.options.seq_len * self.options.grad_accum
+        self.options.batch * self.options.seq_len * self.options.grad_accum * self.options.world_size
     }
 
     pub fn has_validation(&self) -> bool {
@@ -536,21 +623,38 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         Ok(Some(train.batch(k, b, t, self.model.config.vocab_size)?))
     }
 
-    /// The micro-batches of the next optimizer step (inputs, targets).
-    fn next_micro_batches(&mut self) -> Result<Vec<(Vec<u32>, Vec<i32>)>> {
-        let k = self.options.grad_accum;
-        let batches = match &mut self.source {
-            Source::Stream { .. } => (0..k as u64)
-                .map(|i| Ok(self.micro_batch(self.state.micro_batches + i)?.expect("a stream")))
-                .collect::<Result<Vec<_>>>()?,
+    /// This rank's share of the next optimizer step's micro-batches. Rank `r` of `W` takes the
+    /// step's micro-batches `r, r + W, …` (see [`crate::parallel`]).
+    fn next_micro_batches(&mut self) -> Result<StepBatches> {
+        let (world, rank) = (self.options.world_size as u64, self.rank() as u64);
+        let k = self.options.grad_accum * world as usize;
+        let (batches, counted, global) = match &mut self.source {
+            Source::Stream { .. } => {
+                let first = self.state.micro_batches;
+                let batches = (0..self.options.grad_accum as u64)
+                    .map(|i| Ok(self.micro_batch(first + i * world + rank)?.expect("a stream")))
+                    .collect::<Result<Vec<_>>>()?;
+                // Pretraining targets are all counted.
+                (batches, self.options.batch * self.options.seq_len * k, k)
+            }
             Source::Sft { train, .. } => {
                 let (epoch, first) = train.locate(self.state.step, k);
                 let end = (first + k as u64).min(train.micro_batches(epoch));
-                (first..end).map(|m| train.batch(epoch, m)).collect()
+                let mut mine = Vec::new();
+                let mut counted = 0;
+                // Every rank packs the whole step to count its positions (host work only).
+                for m in first..end {
+                    let batch = train.batch(epoch, m);
+                    counted += batch.1.iter().filter(|&&x| x != IGNORE_INDEX).count();
+                    if (m - first) % world == rank {
+                        mine.push(batch);
+                    }
+                }
+                (mine, counted, (end - first) as usize)
             }
         };
-        self.state.micro_batches += batches.len() as u64;
-        Ok(batches)
+        self.state.micro_batches += global as u64;
+        Ok(StepBatches { batches, counted, global })
     }
 
     /// Forward (and backward with `with_grad`) over `batches`, each micro-batch's loss divided
@@ -566,9 +670,22 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         slot: usize,
         accumulate: bool,
     ) -> Result<()> {
+        let counted = counted_positions(batches);
+        self.run_counted(device, batches, counted, with_grad, slot, accumulate)
+    }
+
+    /// [`Self::run_batches`] with the loss divided by `counted` positions (all ranks' under data
+    /// parallelism) and written into `step_loss` instead when `into_step_loss`.
+    fn run_counted(
+        &mut self,
+        device: &Device<R>,
+        batches: &[(Vec<u32>, Vec<i32>)],
+        counted: usize,
+        with_grad: bool,
+        slot: usize,
+        accumulate: bool,
+    ) -> Result<()> {
         let (b, t) = (self.options.batch, self.options.seq_len);
-        let counted: usize =
-            batches.iter().map(|(_, targets)| targets.iter().filter(|&&x| x != IGNORE_INDEX).count()).sum();
         let loss_scale = match (with_grad, self.state.loss_scale) {
             (true, Some(scaler)) => scaler.scale as f32,
             _ => 1.0,
@@ -585,7 +702,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             } else {
                 self.model.loss(device, &mut self.acts, &targets, false)?;
             }
-            dsl::record_scalar(device, &mut self.figures, slot, &self.acts.loss, 0, accumulate || k > 0)?;
+            let target =
+                if self.parallel.is_some() && with_grad { &mut self.step_loss } else { &mut self.figures };
+            dsl::record_scalar(device, target, slot, &self.acts.loss, 0, accumulate || k > 0)?;
         }
         Ok(())
     }
@@ -615,15 +734,32 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         }
         let slot = self.queued.len();
         self.grads.zero(device)?;
-        let batches = self.next_micro_batches()?;
+        let StepBatches { batches, counted, global } = self.next_micro_batches()?;
         let loss_scale = self.state.loss_scale.map(|s| s.scale);
-        self.run_batches(device, &batches, true, 2 * slot, false)?;
+        let unscale = loss_scale.map_or(1.0, |s| (1.0 / s) as f32);
+        match &mut self.parallel {
+            None => {
+                self.run_counted(device, &batches, counted, true, 2 * slot, false)?;
+                self.optimizer.clip(device, &self.grads, unscale)?;
+            }
+            Some(_) => {
+                // A rank may get no micro-batch (the short last step of an SFT epoch).
+                self.step_loss.fill(device, 0.0)?;
+                self.run_counted(device, &batches, counted, true, 0, false)?;
+                let parallel = self.parallel.as_mut().expect("matched");
+                parallel.all_reduce(device, &mut self.step_loss)?;
+                dsl::record_scalar(device, &mut self.figures, 2 * slot, &self.step_loss, 0, false)?;
+                parallel.sum_gradients(device, &mut self.grads)?;
+                let share = parallel.norm_share();
+                let sum_squares = self.optimizer.sum_squares(device, &self.grads, &share)?;
+                parallel.all_reduce(device, sum_squares)?;
+                self.optimizer.clip_from_sum_squares(device, unscale)?;
+            }
+        }
         let step = self.state.step;
         let lr = self.options.schedule().lr(step);
-        let unscale = loss_scale.map_or(1.0, |s| (1.0 / s) as f32);
-        self.optimizer.clip(device, &self.grads, unscale)?;
         dsl::record_scalar(device, &mut self.figures, 2 * slot + 1, self.optimizer.grad_norm(), 0, false)?;
-        let tokens = self.options.batch * self.options.seq_len * batches.len();
+        let tokens = self.options.batch * self.options.seq_len * global;
         self.queued.push(QueuedStep { step, lr, tokens, loss_scale, skipped: false });
         let mut apply = true;
         if let (Some(scaler), Some(options)) =
@@ -637,6 +773,9 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
         }
         if apply {
             self.optimizer.apply(device, &mut self.model.params, &self.grads, lr)?;
+            if let Some(parallel) = &mut self.parallel {
+                parallel.share_weights(device, &mut self.model.params)?;
+            }
         }
         self.state.step += 1;
         if self.state.loss_scale.is_some() {
@@ -768,8 +907,16 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 
     /// The exact weights on the host (f32, spec order): the master copy when one is kept, else
-    /// the parameters.
+    /// the parameters. Under ZeRO-1 with master weights each rank holds only its share: an
+    /// error (checkpoints gather them: [`Self::save`]).
     pub fn weights_to_host(&self, device: &Device<R>) -> Result<Vec<Vec<f32>>> {
+        let sharded = self.parallel.as_ref().is_some_and(|p| p.zero() == crate::parallel::Zero::Stage1);
+        if sharded && self.optimizer.has_master() {
+            return Err(TrainError::Options(
+                "weights_to_host: under ZeRO-1 the master weights are spread over the ranks (save gathers them)"
+                    .into(),
+            ));
+        }
         match self.optimizer.master_to_host(device)? {
             Some(master) => Ok(master),
             None => Ok(self.model.params.to_host(device)?),
@@ -781,7 +928,10 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     /// Errors when steps are queued unread ([`Self::read_steps`] first): their weights have not
     /// been checked for a non-finite loss, and a checkpoint must never hold such weights; and
     /// once a non-finite step has been read.
-    pub fn save(&self, device: &Device<R>, dir: &Path) -> Result<()> {
+    ///
+    /// In a data-parallel job every rank must call it (the optimizer state is gathered from its
+    /// owners); rank 0 writes, the others write nothing.
+    pub fn save(&mut self, device: &Device<R>, dir: &Path) -> Result<()> {
         self.refuse_after_non_finite("save")?;
         if !self.queued.is_empty() {
             return Err(TrainError::Options(format!(
@@ -789,8 +939,29 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
                 self.queued.len()
             )));
         }
-        let params = self.weights_to_host(device)?;
-        let moments = self.optimizer.moments_to_host(device)?;
+        let (params, moments) = match &mut self.parallel {
+            None => (self.weights_to_host(device)?, self.optimizer.moments_to_host(device)?),
+            Some(parallel) => {
+                let mut masters = Vec::new();
+                let mut moments = Vec::new();
+                for (i, spec) in self.model.params.specs().iter().enumerate() {
+                    let mut gather =
+                        |which| parallel.gather_state(device, &mut self.optimizer, which, i, &spec.shape);
+                    let (m, v, master) =
+                        (gather(StateTensor::M)?, gather(StateTensor::V)?, gather(StateTensor::Master)?);
+                    if let (Some(m), Some(v)) = (m, v) {
+                        moments.push((m, v));
+                    }
+                    masters.extend(master);
+                }
+                if parallel.rank() != 0 {
+                    return Ok(());
+                }
+                let params =
+                    if self.optimizer.has_master() { masters } else { self.model.params.to_host(device)? };
+                (params, moments)
+            }
+        };
         let specs = self.model.params.specs();
         let mut state = self.state.clone();
         state.optimizer_step = (self.optimizer.step != state.step).then_some(self.optimizer.step);
@@ -829,6 +1000,21 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
             |_| {},
         )
     }
+}
+
+/// A rank's micro-batches of one optimizer step.
+struct StepBatches {
+    /// (inputs, targets) of this rank's micro-batches.
+    batches: Vec<(Vec<u32>, Vec<i32>)>,
+    /// Target positions counted in the loss over every rank's micro-batches of the step.
+    counted: usize,
+    /// Micro-batches of the step over all ranks.
+    global: usize,
+}
+
+/// Target positions of `batches` that count in the loss (not [`IGNORE_INDEX`]).
+fn counted_positions(batches: &[(Vec<u32>, Vec<i32>)]) -> usize {
+    batches.iter().map(|(_, targets)| targets.iter().filter(|&&x| x != IGNORE_INDEX).count()).sum()
 }
 
 /// Writes AdamW's moments as `m.NAME` and `v.NAME`, and the exact weights as `master.NAME` when

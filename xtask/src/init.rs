@@ -6,6 +6,7 @@ use model::LlamaConfig;
 use model::activations::{HeadChunk, Recompute};
 use model::checkpoint::{self, SaveOptions, StoredDType};
 use std::path::{Path, PathBuf};
+use trainer::parallel::{Zero, sharded_memory};
 use trainer::precision::MasterWeights;
 
 #[derive(clap::Args)]
@@ -52,6 +53,14 @@ pub struct ConfigArgs {
     /// As `train --recompute` [default: none].
     #[arg(long, value_name = "none|layer")]
     recompute: Option<Recompute>,
+    /// Data-parallel ranks (GPUs) of the job; with --zero 1 the optimizer state is divided
+    /// among them [default: 1].
+    #[arg(long, value_name = "N")]
+    world: Option<usize>,
+    /// As `train --zero`: 1 shards AdamW's moments and the f32 master weights over --world
+    /// ranks (whole tensors: the most loaded rank is shown) [default: 0].
+    #[arg(long, value_name = "0|1", value_parser = clap::value_parser!(u8).range(0..=1))]
+    zero: Option<u8>,
     /// Print the step's memory as one JSON object (bytes; `per_gpu_bytes` is the total).
     #[arg(long)]
     json: bool,
@@ -65,6 +74,8 @@ impl ConfigArgs {
             || self.master_weights.is_some()
             || self.lm_head_chunk.is_some()
             || self.recompute.is_some()
+            || self.world.is_some()
+            || self.zero.is_some()
             || self.json
     }
 }
@@ -120,7 +131,13 @@ pub fn show(args: ConfigArgs) -> Result<()> {
     let head = args.lm_head_chunk.unwrap_or_default();
     let recompute = args.recompute.unwrap_or_default();
     let head_rows = head.rows(&config, batch * seq)?;
+    let world = args.world.unwrap_or(1);
+    if world == 0 {
+        bail!("--world must be at least 1");
+    }
+    let zero = Zero::from_stage(args.zero.unwrap_or(0)).expect("clap keeps --zero to 0 or 1");
     let m = config.training_memory(batch, seq, bytes, master, head_rows, recompute);
+    let m = sharded_memory(&config, m, world, zero);
     if args.json {
         let doc = serde_json::json!({
             "what": args.what,
@@ -132,6 +149,8 @@ pub fn show(args: ConfigArgs) -> Result<()> {
             "lm_head_chunk": head.to_string(),
             "head_rows": head_rows,
             "recompute": recompute.to_string(),
+            "world": world,
+            "zero": zero.stage(),
             "parameters_bytes": m.parameters,
             "master_bytes": m.master,
             "gradients_bytes": m.gradients,
@@ -143,9 +162,14 @@ pub fn show(args: ConfigArgs) -> Result<()> {
         return Ok(());
     }
     print!("{config}");
+    let ranks = if world > 1 {
+        format!(", on each of {world} ranks (--zero {})", zero.stage())
+    } else {
+        String::new()
+    };
     println!(
         "this step: batch {batch} × {seq} tokens, {dtype}{}, logits {head_rows} rows at a time (--lm-head-chunk \
-         {head}), --recompute {recompute}: {}",
+         {head}), --recompute {recompute}{ranks}: {}",
         if master { " with f32 master weights" } else { "" },
         m.describe(dtype)
     );

@@ -29,6 +29,7 @@ mod device_bundle;
 mod eval;
 mod generate;
 mod init;
+mod launch;
 mod peak;
 mod plot;
 mod run_data;

@@ -151,6 +151,11 @@ fn sft_source(args: &SftArgs, saved: Option<&TrainState>) -> Result<(PathBuf, Da
 
 pub fn run(args: SftArgs) -> Result<()> {
     let Some(backend) = args.train.backend.resolve_or_reexec()? else { return Ok(()) };
+    let env = match args.train.dist.role(backend)? {
+        crate::launch::Role::Launched => return Ok(()),
+        crate::launch::Role::Single => None,
+        crate::launch::Role::Worker(env) => Some(env),
+    };
     if args.train.model.is_none() && args.train.resume.is_none() {
         bail!("sft needs --model DIR (the checkpoint to fine-tune) or --resume DIR");
     }
@@ -267,7 +272,10 @@ pub fn run(args: SftArgs) -> Result<()> {
             dtype: args.train.dtype.clone().unwrap_or_else(|| "f32".into()),
         }
     };
-    dsl::on_device(backend, Sft { args: &args, prepared, data })?
+    let mut prepared = prepared;
+    prepared.options.world_size = env.as_ref().map_or(1, |e| e.world_size);
+    let device = env.as_ref().map_or(0, |e| e.local_rank);
+    dsl::on_device_at(backend, device, Sft { args: &args, prepared, data, env })?
 }
 
 /// The options: Llama 2's SFT recipe under the flags given. The micro-batch split is settled
@@ -291,12 +299,17 @@ struct Sft<'a> {
     args: &'a SftArgs,
     prepared: Prepared,
     data: PathBuf,
+    /// This process's place in a data-parallel job, if any.
+    env: Option<collectives::launch::DistEnv>,
 }
 
 impl OnDevice for Sft<'_> {
     type Output = Result<()>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
-        eprintln!("device: {}", dev.info());
+        match &self.env {
+            Some(env) => eprintln!("rank {} of {}: device {}", env.rank, env.world_size, dev.info()),
+            None => eprintln!("device: {}", dev.info()),
+        }
         match self.prepared.dtype.as_str() {
             "f16" => self.run_as::<R, half::f16>(dev),
             "bf16" => self.run_as::<R, half::bf16>(dev),
@@ -321,9 +334,12 @@ impl Sft<'_> {
             dtype: _,
         } = self.prepared;
         let train_args = &self.args.train;
+        let world = options.world_size;
+        let main = self.env.as_ref().is_none_or(|e| e.rank == 0);
         if resume.is_none() {
-            // 64 sequences per step, through accumulation when a micro-batch would not fit.
-            let total = SFT_SEQUENCES_PER_STEP;
+            // 64 sequences per step over all ranks, through accumulation when a micro-batch
+            // would not fit.
+            let total = SFT_SEQUENCES_PER_STEP.div_ceil(world);
             (options.batch, options.grad_accum) = match (train_args.batch, train_args.grad_accum) {
                 (Some(b), Some(k)) => (b, k),
                 (Some(b), None) => (b, total.div_ceil(b)),
@@ -340,7 +356,12 @@ impl Sft<'_> {
         let ids = SpecialIds::of(&tokenizer, &sft.separator)?.parsing_special(sft.parse_special_tokens);
         // A row holds seq + 1 tokens (inputs and the shifted targets).
         let (encoded, report) = sft::encode(&tokenizer, ids, &examples, options.seq_len + 1, sft.overlong)?;
-        eprintln!(
+        let say = |line: String| {
+            if main {
+                eprintln!("{line}");
+            }
+        };
+        say(format!(
             "encoded: {} examples kept ({} truncated, {} dropped as longer than {} tokens); {} tokens, {} of them answer tokens",
             report.kept,
             report.truncated,
@@ -348,7 +369,7 @@ impl Sft<'_> {
             options.seq_len,
             report.tokens,
             report.answer_tokens
-        );
+        ));
         // Examples are held out only when the run evaluates.
         let held = match validation.held_out {
             HeldOut::Fraction { fraction } => (encoded.len() as f64 * fraction) as usize,
@@ -367,29 +388,33 @@ impl Sft<'_> {
             pad: ids.eos,
         };
         let mut counter = SftBatches::new(self.data.clone(), train.clone(), packing);
-        let epoch_steps = counter.steps_for_epochs(sft.epochs, options.grad_accum);
+        // A step reads `grad_accum` micro-batches on each rank.
+        let epoch_steps = counter.steps_for_epochs(sft.epochs, options.grad_accum * world);
         if resume.is_none() && train_args.steps.is_none() {
             options.steps = epoch_steps;
         }
-        eprintln!(
+        say(format!(
             "{} training examples, {} held out; {} epochs = {epoch_steps} steps",
             train.len(),
             val.len(),
             sft.epochs
-        );
+        ));
         let data = SftData { path: self.data.clone(), train, val, pad: ids.eos, options: sft };
         let control = train_args.run_control("runs/sft", validation.eval_every);
         control.check_out()?;
+        let parallel =
+            self.env.as_ref().map(|env| crate::launch::join(dev, env, &train_args.dist)).transpose()?;
         let mut trainer = match (&resume, &model) {
             (Some(dir), _) => {
-                let t = Trainer::<R, F>::resume_with(
+                let t = Trainer::<R, F>::resume_parallel(
                     dev,
                     dir,
                     TrainData::Sft(data),
                     train_args.steps,
                     train_args.recompute,
+                    parallel,
                 )?;
-                eprintln!("resuming {} at step {}", dir.display(), t.state.step);
+                say(format!("resuming {} at step {}", dir.display(), t.state.step));
                 t
             }
             (None, Some(dir)) => {
@@ -399,7 +424,7 @@ impl Sft<'_> {
                 let config = model::init::grow_vocab(&checkpoint.config, &mut tensors, vocab_size);
                 let params = Params::from_host(dev, &config, &tensors)?;
                 let model = Llama::new(dev, config, params)?;
-                let mut trainer = Trainer::new(dev, model, options, TrainData::Sft(data))?;
+                let mut trainer = Trainer::new_parallel(dev, model, options, TrainData::Sft(data), parallel)?;
                 // The master copy starts from the checkpoint's unrounded weights.
                 if trainer.has_master_weights() {
                     trainer.set_weights(dev, &tensors)?;
@@ -415,6 +440,9 @@ impl Sft<'_> {
         trainer.state.source = Some(source);
         trainer.state.validation = Some(validation);
         drive(dev, &mut trainer, &control)?;
+        if !main {
+            return Ok(());
+        }
         // Show the fine-tuned model on a few held-out prompts.
         if held == 0 {
             eprintln!("(no examples were held out: pass --eval-every N to hold out --val-fraction of them)");

@@ -2,8 +2,10 @@
 //! the `tiny` preset on the built-in corpus that ends by printing a sample.
 
 use crate::BackendArg;
+use crate::launch::{DistArgs, Role};
 use crate::run_data::{RunData, pretraining_data};
 use anyhow::{Context, Result, bail};
+use collectives::launch::DistEnv;
 use dsl::{BackendRuntime, DType, Device, FloatElement, OnDevice};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::activations::{HeadChunk, Recompute};
@@ -166,6 +168,8 @@ pub struct TrainArgs {
     /// resumed run's].
     #[arg(long, value_name = "none|layer")]
     pub recompute: Option<Recompute>,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 /// How often the training loop reads its figures back (`--log-every`).
@@ -500,19 +504,31 @@ fn plan(args: &TrainArgs) -> Result<Plan> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let Some(backend) = args.backend.resolve_or_reexec()? else { return Ok(()) };
-    let plan = plan(&args)?;
-    dsl::on_device(backend, Train { args: &args, plan })?
+    let env = match args.dist.role(backend)? {
+        Role::Launched => return Ok(()),
+        Role::Single => None,
+        Role::Worker(env) => Some(env),
+    };
+    let mut plan = plan(&args)?;
+    plan.options.world_size = env.as_ref().map_or(1, |e| e.world_size);
+    let device = env.as_ref().map_or(0, |e| e.local_rank);
+    dsl::on_device_at(backend, device, Train { args: &args, plan, env })?
 }
 
 struct Train<'a> {
     args: &'a TrainArgs,
     plan: Plan,
+    /// This process's place in a data-parallel job, if any.
+    env: Option<DistEnv>,
 }
 
 impl OnDevice for Train<'_> {
     type Output = Result<()>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
-        eprintln!("device: {}", dev.info());
+        match &self.env {
+            Some(env) => eprintln!("rank {} of {}: device {}", env.rank, env.world_size, dev.info()),
+            None => eprintln!("device: {}", dev.info()),
+        }
         match self.plan.dtype.as_str() {
             "f16" => self.run_as::<R, half::f16>(dev),
             "bf16" => self.run_as::<R, half::bf16>(dev),
@@ -527,9 +543,12 @@ impl Train<'_> {
         let control = args.run_control("runs/train", plan.data.validation.eval_every);
         control.check_out()?;
         let data = TrainData::Tokens { train: &plan.data.train, val: plan.data.val.as_ref() };
+        let parallel = self.env.as_ref().map(|env| crate::launch::join(dev, env, &args.dist)).transpose()?;
         let mut trainer = if let Some(dir) = &args.resume {
-            let t = Trainer::<R, F>::resume_with(dev, dir, data, args.steps, args.recompute)?;
-            eprintln!("resuming {} at step {}", dir.display(), t.state.step);
+            let t = Trainer::<R, F>::resume_parallel(dev, dir, data, args.steps, args.recompute, parallel)?;
+            if t.rank() == 0 {
+                eprintln!("resuming {} at step {}", dir.display(), t.state.step);
+            }
             t
         } else {
             let options = plan.options.clone();
@@ -543,7 +562,7 @@ impl Train<'_> {
                 (None, None) => unreachable!("a fresh run without --model has a configuration"),
             };
             let model = Llama::<R, F>::new(dev, config.clone(), Params::from_host(dev, &config, &weights)?)?;
-            let mut trainer = Trainer::new(dev, model, options, data)?;
+            let mut trainer = Trainer::new_parallel(dev, model, options, data, parallel)?;
             // The master copy starts from the unrounded f32 weights.
             if trainer.has_master_weights() {
                 trainer.set_weights(dev, &weights)?;
@@ -560,7 +579,7 @@ impl Train<'_> {
             trainer.tokenizer = Some(tokenizer.clone());
         }
         drive(dev, &mut trainer, &control)?;
-        if args.is_demo() {
+        if args.is_demo() && trainer.rank() == 0 {
             let tokenizer = trainer.tokenizer.as_ref().expect("the demo uses the byte tokenizer");
             let prompt = tokenizer.encode("The ", true)?;
             let sample = trainer.greedy_sample(dev, &prompt, 120)?;
@@ -611,40 +630,56 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
 ) -> Result<()> {
     let options = trainer.options.clone();
     let out = &control.out;
-    eprint!("{}", trainer.model.config);
+    // Rank 0 alone talks and writes the log (every rank computes the same figures).
+    let main = trainer.rank() == 0;
+    let zero = trainer.parallel_mut().map(|p| p.zero());
     let master = trainer.has_master_weights();
-    eprintln!("precision: {}", options.precision.describe(F::DTYPE));
     let head_rows = trainer.head_rows();
-    let memory = trainer.model.config.training_memory(
-        options.batch,
-        options.seq_len,
-        F::DTYPE.size_bytes(),
-        master,
-        head_rows,
-        options.recompute,
-    );
-    eprintln!(
-        "memory of a step at batch {} × seq {}: {}; logits {head_rows} rows at a time (--lm-head-chunk {}), \
-         --recompute {}",
-        options.batch,
-        options.seq_len,
-        memory.describe(F::DTYPE),
-        options.head_chunk,
-        options.recompute,
-    );
-    eprintln!(
-        "steps {}, batch {} × seq {} × accum {} = {} tokens/step, lr {:e} (warm-up {}, floor {}×), wd {}, clip {}",
-        options.steps,
-        options.batch,
-        options.seq_len,
-        options.grad_accum,
-        trainer.tokens_per_step(),
-        options.lr,
-        options.schedule().warmup,
-        options.min_lr_ratio,
-        options.weight_decay,
-        options.grad_clip
-    );
+    if main {
+        eprint!("{}", trainer.model.config);
+        eprintln!("precision: {}", options.precision.describe(F::DTYPE));
+        let memory = trainer.model.config.training_memory(
+            options.batch,
+            options.seq_len,
+            F::DTYPE.size_bytes(),
+            master,
+            head_rows,
+            options.recompute,
+        );
+        let memory = trainer::parallel::sharded_memory(
+            &trainer.model.config,
+            memory,
+            options.world_size,
+            zero.unwrap_or_default(),
+        );
+        eprintln!(
+            "memory of a step at batch {} × seq {}: {}; logits {head_rows} rows at a time (--lm-head-chunk {}), \
+             --recompute {}",
+            options.batch,
+            options.seq_len,
+            memory.describe(F::DTYPE),
+            options.head_chunk,
+            options.recompute,
+        );
+        let ranks = match zero {
+            Some(zero) => format!(" × {} ranks (--zero {})", options.world_size, zero.stage()),
+            None => String::new(),
+        };
+        eprintln!(
+            "steps {}, batch {} × seq {} × accum {}{ranks} = {} tokens/step, lr {:e} (warm-up {}, floor {}×), wd {}, \
+             clip {}",
+            options.steps,
+            options.batch,
+            options.seq_len,
+            options.grad_accum,
+            trainer.tokens_per_step(),
+            options.lr,
+            options.schedule().warmup,
+            options.min_lr_ratio,
+            options.weight_decay,
+            options.grad_clip
+        );
+    }
     if trainer.state.step >= options.steps {
         bail!(
             "the checkpoint is already at step {} of {}; pass --steps to go further",
@@ -652,21 +687,40 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
             options.steps
         );
     }
-    let mut log = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(control.append_log)
-        .truncate(!control.append_log)
-        .open(&control.log)
-        .with_context(|| format!("opening the log {}", control.log.display()))?;
+    let mut log = if main {
+        Some(
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(control.append_log)
+                .truncate(!control.append_log)
+                .open(&control.log)
+                .with_context(|| format!("opening the log {}", control.log.display()))?,
+        )
+    } else {
+        None
+    };
+    let mut write_log = |line: serde_json::Value| -> Result<()> {
+        if let Some(log) = &mut log {
+            writeln!(log, "{line}")?;
+        }
+        Ok(())
+    };
 
-    let bar = ProgressBar::new(options.steps).with_style(
+    let bar = if main { ProgressBar::new(options.steps) } else { ProgressBar::hidden() }.with_style(
         ProgressStyle::with_template("{bar:25} {pos}/{len} steps  loss {msg}  [{elapsed} < {eta}]")
             .expect("valid template"),
     );
     bar.set_position(trainer.state.step);
     // Without a terminal the bar is hidden: say the same in plain lines (about ten per run).
-    let say = |line: String| if bar.is_hidden() { eprintln!("{line}") } else { bar.println(line) };
+    let say = |line: String| {
+        if !main {
+        } else if bar.is_hidden() {
+            eprintln!("{line}")
+        } else {
+            bar.println(line)
+        }
+    };
     let plain_every = (options.steps / 10).max(1);
     let started = Instant::now();
     let (mut tokens, mut first_loss, mut last_loss, mut best_val) = (0usize, None, f64::NAN, f64::INFINITY);
@@ -704,7 +758,7 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
                 line["loss_scale"] = json!(scale);
                 line["skipped"] = json!(report.skipped);
             }
-            writeln!(log, "{line}")?;
+            write_log(line)?;
             if report.skipped {
                 skipped += 1;
                 say(format!(
@@ -714,7 +768,10 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
                 ));
             }
             let step_done = report.step + 1;
-            if bar.is_hidden() && (step_done.is_multiple_of(plain_every) || step_done == options.steps) {
+            if main
+                && bar.is_hidden()
+                && (step_done.is_multiple_of(plain_every) || step_done == options.steps)
+            {
                 eprintln!(
                     "step {step_done}/{}: loss {:.4}, lr {:.2e}, |g| {:.3}, {:.0} tokens/s, {:.0} s",
                     options.steps,
@@ -745,7 +802,7 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
         if eval_now && let Some(val) = trainer.validate(dev)? {
             best_val = best_val.min(val);
             last_val = Some(val);
-            writeln!(log, "{}", json!({"step": done, "val_loss": val, "val_perplexity": val.exp()}))?;
+            write_log(json!({"step": done, "val_loss": val, "val_perplexity": val.exp()}))?;
             say(format!("step {done}: val loss {val:.4} (perplexity {:.2})", val.exp()));
         }
         if save_now {
@@ -755,6 +812,9 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     }
     bar.finish_and_clear();
     trainer.save(dev, out)?;
+    if !main {
+        return Ok(());
+    }
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
         "done: {} steps in {:.1} s, {:.0} tokens/s; loss {:.4} → {:.4}{}{}",

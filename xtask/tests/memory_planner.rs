@@ -18,6 +18,44 @@ fn bytes(doc: &Value, key: &str) -> u64 {
     doc[key].as_u64().unwrap_or_else(|| panic!("{key} missing in {doc}"))
 }
 
+/// `--world N --zero 1` divides the moments and master weights (whole tensors, so the most
+/// loaded rank holds a little more than 1/N); `--zero 0` and the weights and gradients do not
+/// change with the world size. 7B at T 4096 fits 8 × 80 GB only sharded.
+#[test]
+fn zero1_divides_the_optimizer_state_over_the_ranks() {
+    let config = LlamaConfig::preset("llama2-7b").unwrap();
+    let params = config.parameter_count() as u64;
+    let step = |world: &str, zero: &str| {
+        config_json(&[
+            "llama2-7b",
+            "--dtype",
+            "bf16",
+            "--seq-len",
+            "4096",
+            "--world",
+            world,
+            "--zero",
+            zero,
+            "--json",
+        ])
+    };
+    let (one, plain, sharded) = (step("1", "0"), step("8", "0"), step("8", "1"));
+    assert_eq!(
+        bytes(&plain, "per_gpu_bytes"),
+        bytes(&one, "per_gpu_bytes"),
+        "ZeRO-0 keeps everything everywhere"
+    );
+    assert_eq!((sharded["world"].as_u64(), sharded["zero"].as_u64()), (Some(8), Some(1)));
+    for key in ["parameters_bytes", "gradients_bytes", "activations_bytes"] {
+        assert_eq!(bytes(&sharded, key), bytes(&one, key), "{key}");
+    }
+    let share = bytes(&sharded, "optimizer_bytes") / 8;
+    assert_eq!(bytes(&sharded, "master_bytes"), 4 * share);
+    assert!(share >= params / 8 && share < params / 8 + params / 100, "share {share} of {params}");
+    assert!(bytes(&sharded, "per_gpu_bytes") < 80_000_000_000);
+    assert!(bytes(&one, "per_gpu_bytes") > 80_000_000_000);
+}
+
 #[test]
 fn a_step_is_sized_by_purpose_and_recomputation_shrinks_the_activations() {
     let config = LlamaConfig::preset("llama2-7b").unwrap();

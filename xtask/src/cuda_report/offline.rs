@@ -87,6 +87,9 @@ impl dsl::BackendRuntime for OfflineCuda {
     fn default_device() -> Self::Device {
         OfflineDevice::default()
     }
+    fn device_at(index: usize) -> Option<Self::Device> {
+        (index == 0).then(Self::default_device)
+    }
 }
 
 /// Opens the offline device for `sm_{arch}`.
