@@ -89,6 +89,13 @@ impl Nccl {
         Ok(Self { rank, world_size: env.world_size, comm, stream, done, timeout, aborted: false })
     }
 
+    /// GPUs this process sees (after `CUDA_VISIBLE_DEVICES`).
+    pub fn device_count() -> Result<usize> {
+        cu::init().map_err(|e| nccl_error(0, "cuInit", e))?;
+        let count = cu::device::get_count().map_err(|e| nccl_error(0, "cuDeviceGetCount", e))?;
+        Ok(count.max(0) as usize)
+    }
+
     /// The installed NCCL's version (e.g. 22703 for 2.27.3).
     pub fn version() -> Result<i32> {
         nccl::get_nccl_version().map_err(|e| nccl_error(0, "ncclGetVersion", e))

@@ -675,7 +675,8 @@ impl<R: Runtime, F: FloatElement> Trainer<R, F> {
     }
 
     /// [`Self::run_batches`] with the loss divided by `counted` positions (all ranks' under data
-    /// parallelism) and written into `step_loss` instead when `into_step_loss`.
+    /// parallelism); a data-parallel training step sums its loss into `step_loss[slot]` instead
+    /// of the figures, to be all-reduced.
     fn run_counted(
         &mut self,
         device: &Device<R>,

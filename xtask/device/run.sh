@@ -4,7 +4,9 @@
 # PyTorch and transformers (no Rust), in at most 8 minutes (--quick: about 4):
 #   1. the CUDA tests (bin/cuda_tests: every tests/tests/*.rs file),
 #   2. `xtask bench --backend cuda --json` (matmul, attention, other kernels: three runs),
-#   3. our stories110m training step (B 8 × T 1024, bf16) with `xtask train`,
+#   3. our stories110m training step (B 8 × T 1024, bf16) with `xtask train`, and (full mode)
+#      a 2-rank data-parallel run over NCCL on this one GPU (NCCL_MULTI_RANK_GPU_ENABLE=1,
+#      NCCL ≥ 2.30; an older NCCL fails this phase only),
 #   4. PyTorch on the same shapes (python/device_check.py): torch.matmul per GEMM, SDPA per
 #      attention shape, a Hugging Face LlamaForCausalLM step eager and torch.compile,
 # then RESULTS/report.json and RESULTS/report.md with side-by-side ratios. A phase that fails or
@@ -30,10 +32,10 @@ done
 mkdir -p "$OUT"
 START=$(date +%s)
 # Seconds per phase: tests, matmul bench, attention bench, other kernels' bench, our training,
-# PyTorch. Full: 450 s in all, quick: 230 s, leaving room for start-up and the report. The
-# bench runs in three parts so that one running out of time loses only its own rows.
-if [ "$QUICK" = 1 ]; then BUDGET=(45 30 45 0 40 70); else BUDGET=(100 45 75 35 55 140); fi
-# CUBELLAMA_CHECK_BUDGETS="T M A K R P" overrides them (seconds; for testing this script).
+# PyTorch, data parallel. Full: 450 s in all, quick: 230 s, leaving room for start-up and the
+# report. The bench runs in three parts so that one running out of time loses only its own rows.
+if [ "$QUICK" = 1 ]; then BUDGET=(45 30 45 0 40 70 0); else BUDGET=(90 45 75 35 55 110 40); fi
+# CUBELLAMA_CHECK_BUDGETS="T M A K R P D" overrides them (seconds; for testing this script).
 [ -n "${CUBELLAMA_CHECK_BUDGETS:-}" ] && read -r -a BUDGET <<< "$CUBELLAMA_CHECK_BUDGETS"
 log() { echo "[run.sh $(( $(date +%s) - START ))s] $*" >&2; }
 PHASES="$OUT/phases.txt"
@@ -123,6 +125,14 @@ run_phase train "${BUDGET[4]}" "$OUT/train.txt" "$HERE/bin/xtask" train --backen
   --preset stories110m --vocab-size 32000 --batch 8 --seq-len 1024 --steps "$STEPS" --dtype bf16 \
   --log-every "$EVERY" --out "$OUT/train-run" --log "$OUT/train.jsonl"
 kill "$SAMPLER" 2>/dev/null
+
+# Two ranks over NCCL on this GPU, ZeRO-1 (the launcher finds the nvidia-nccl wheel's
+# libnccl.so.2 that PyTorch installs). NOT YET RUN on any GPU: this phase is its first check.
+if [ "${BUDGET[6]:-0}" -gt 0 ]; then
+  NCCL_MULTI_RANK_GPU_ENABLE=1 run_phase data_parallel "${BUDGET[6]}" "$OUT/data_parallel.txt" \
+    "$HERE/bin/xtask" train --backend cuda --nproc-per-node 2 --zero 1 --steps 10 --log-every 5 \
+    --dist-timeout 30 --out "$OUT/dp-run" --log "$OUT/data_parallel.jsonl"
+fi
 
 # --- 4. PyTorch baselines and the report --------------------------------------------------
 # The script watches its own budget (15 s short of the phase's) and writes what it has.

@@ -188,6 +188,26 @@ fn supervise(mut children: Vec<(usize, Child)>) -> Result<()> {
     }
 }
 
+/// The GPU a worker opens: `LOCAL_RANK`. With `NCCL_MULTI_RANK_GPU_ENABLE=1` (NCCL ≥ 2.30's
+/// experimental several-ranks-per-GPU mode, for checking the multi-rank path on one GPU) local
+/// ranks beyond the GPUs this process sees wrap around onto them.
+pub fn worker_device(env: &DistEnv) -> Result<usize> {
+    let shared = std::env::var("NCCL_MULTI_RANK_GPU_ENABLE").is_ok_and(|v| v.trim() == "1");
+    if !shared {
+        return Ok(env.local_rank);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let count = collectives::nccl::Nccl::device_count()?;
+        if count == 0 {
+            bail!("rank {}: no CUDA device is visible", env.rank);
+        }
+        Ok(env.local_rank % count)
+    }
+    #[cfg(not(feature = "cuda"))]
+    Ok(env.local_rank)
+}
+
 /// This worker's NCCL communicator (CUDA only).
 pub fn join<R: BackendRuntime>(dev: &Device<R>, env: &DistEnv, args: &DistArgs) -> Result<DataParallel<R>> {
     let group = nccl_group(dev, env, args.timeout())?;

@@ -274,7 +274,7 @@ pub fn run(args: SftArgs) -> Result<()> {
     };
     let mut prepared = prepared;
     prepared.options.world_size = env.as_ref().map_or(1, |e| e.world_size);
-    let device = env.as_ref().map_or(0, |e| e.local_rank);
+    let device = env.as_ref().map(crate::launch::worker_device).transpose()?.unwrap_or(0);
     dsl::on_device_at(backend, device, Sft { args: &args, prepared, data, env })?
 }
 

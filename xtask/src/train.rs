@@ -511,7 +511,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     let mut plan = plan(&args)?;
     plan.options.world_size = env.as_ref().map_or(1, |e| e.world_size);
-    let device = env.as_ref().map_or(0, |e| e.local_rank);
+    let device = env.as_ref().map(crate::launch::worker_device).transpose()?.unwrap_or(0);
     dsl::on_device_at(backend, device, Train { args: &args, plan, env })?
 }
 

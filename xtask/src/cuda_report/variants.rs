@@ -87,6 +87,12 @@ fn run_workload<F: FloatElement>(device: &Device<OfflineCuda>, w: &Workload) -> 
         let mut optimizer = Optimizer::new(device, params.specs(), Default::default(), 1.0, rounding, 0)?;
         optimizer.step(device, &mut params, &grads, 3e-4)?;
     }
+    // Data parallelism's clip norm: this rank's share of Σg², then the root of the all-reduced
+    // shares.
+    let mut optimizer =
+        Optimizer::new(device, params.specs(), Default::default(), 1.0, WriteRounding::Nearest, 0)?;
+    optimizer.sum_squares(device, &grads, &vec![true; params.specs().len()])?;
+    optimizer.clip_from_sum_squares(device, 1.0)?;
     if F::DTYPE != dsl::DType::F32 {
         let mut optimizer =
             Optimizer::new(device, params.specs(), Default::default(), 1.0, WriteRounding::Nearest, 0)?;
