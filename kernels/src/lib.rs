@@ -8,8 +8,6 @@
 
 pub mod adamw;
 pub mod attention;
-pub mod attention_cmma;
-pub mod attention_naive;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod grad_norm;

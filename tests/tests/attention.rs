@@ -1,11 +1,11 @@
 //! Flash attention against the materialised f64 reference: forward, backward, decoding.
 
 use dsl::{BackendRuntime, DType, Device, Error, GpuTensor};
+use kernels::attention::naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::attention::{
     AttentionKernel, AttentionShape, SUPPORTED_HEAD_DIMS, attention_backward_with, attention_decode,
     attention_forward, attention_forward_with,
 };
-use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::reference::attention as reference;
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;

@@ -713,13 +713,10 @@ pub fn drive<R: BackendRuntime, F: FloatElement>(
     );
     bar.set_position(trainer.state.step);
     // Without a terminal the bar is hidden: say the same in plain lines (about ten per run).
-    let say = |line: String| {
-        if !main {
-        } else if bar.is_hidden() {
-            eprintln!("{line}")
-        } else {
-            bar.println(line)
-        }
+    let say = |line: String| match (main, bar.is_hidden()) {
+        (false, _) => {}
+        (true, true) => eprintln!("{line}"),
+        (true, false) => bar.println(line),
     };
     let plain_every = (options.steps / 10).max(1);
     let started = Instant::now();

@@ -9,8 +9,8 @@
 use super::offline::{self, CapturedKernel, OfflineCuda};
 use anyhow::{Context, Result};
 use dsl::{Device, FloatElement, GpuTensor};
+use kernels::attention::naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
-use kernels::attention_naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use model::activations::HeadChunk;
 use model::{Activations, KvCache, Llama, LlamaConfig, Params};
 use trainer::optimizer::Optimizer;

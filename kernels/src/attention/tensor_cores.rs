@@ -29,14 +29,12 @@ use cubecl::features::MmaConfig;
 use cubecl::prelude::*;
 use dsl::{DType, Device, FloatElement};
 
-use crate::attention::{AttentionConfig, keys_needed, sees};
+use super::rules::{AttentionConfig, VEC, keys_needed, sees};
 
 /// Side of the square matrix tile (m = n = k).
 const TILE: usize = 16;
 /// Lanes per plane the lane-to-row mapping assumes.
 const PLANE: u32 = 32;
-/// Elements per vector when staging q/k/v from global memory.
-const VEC: usize = 4;
 /// Byte alignment of the shared tiles: wmma loads and stores need 256-bit aligned pointers.
 const ALIGN: usize = 32;
 
