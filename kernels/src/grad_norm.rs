@@ -60,6 +60,35 @@ fn sum_squares_kernel<F: Float, N: Size>(
     }
 }
 
+/// Σ of the first `slots` partial sums, in a fixed order (each unit a strided share, then the
+/// cube tree): the whole cube returns it.
+#[cube]
+fn sum_slots(partials: &Array<f32>, slots: u32, #[comptime] cfg: CubeReduce) -> f32 {
+    let mut acc = f32::new(0.0);
+    let mut i = UNIT_POS as usize;
+    while i < slots as usize {
+        acc += partials[i];
+        i += CUBE_DIM as usize;
+    }
+    cube_sum(acc, cfg)
+}
+
+/// `norm = unscale·sqrt(sum_squares)` and the clip scale, written by unit 0.
+#[cube]
+fn write_norm_and_scale(
+    norm: &mut Array<f32>,
+    clip_scale: &mut Array<f32>,
+    sum_squares: f32,
+    max_norm: f32,
+    unscale: f32,
+) {
+    if UNIT_POS == 0 {
+        let total = f32::sqrt(sum_squares) * unscale;
+        norm[0] = total;
+        clip_scale[0] = unscale * f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
+    }
+}
+
 #[cube(launch_unchecked)]
 fn norm_and_scale_kernel(
     norm: &mut Array<f32>,
@@ -70,28 +99,13 @@ fn norm_and_scale_kernel(
     unscale: f32,
     #[comptime] cfg: CubeReduce,
 ) {
-    let mut acc = f32::new(0.0);
-    let mut i = UNIT_POS as usize;
-    while i < slots as usize {
-        acc += partials[i];
-        i += CUBE_DIM as usize;
-    }
-    let total = f32::sqrt(cube_sum(acc, cfg)) * unscale;
-    if UNIT_POS == 0 {
-        norm[0] = total;
-        clip_scale[0] = unscale * f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
-    }
+    let total = sum_slots(partials, slots, cfg);
+    write_norm_and_scale(norm, clip_scale, total, max_norm, unscale);
 }
 
 #[cube(launch_unchecked)]
 fn sum_slots_kernel(out: &mut Array<f32>, partials: &Array<f32>, slots: u32, #[comptime] cfg: CubeReduce) {
-    let mut acc = f32::new(0.0);
-    let mut i = UNIT_POS as usize;
-    while i < slots as usize {
-        acc += partials[i];
-        i += CUBE_DIM as usize;
-    }
-    let total = cube_sum(acc, cfg);
+    let total = sum_slots(partials, slots, cfg);
     if UNIT_POS == 0 {
         out[0] = total;
     }
@@ -105,11 +119,7 @@ fn norm_from_sum_squares_kernel(
     max_norm: f32,
     unscale: f32,
 ) {
-    if UNIT_POS == 0 {
-        let total = f32::sqrt(sum_squares[0]) * unscale;
-        norm[0] = total;
-        clip_scale[0] = unscale * f32::min(f32::new(1.0), max_norm / (total + f32::new(1e-6)));
-    }
+    write_norm_and_scale(norm, clip_scale, sum_squares[0], max_norm, unscale);
 }
 
 /// `norm = ‖grads‖₂`, `clip_scale = min(1, max_norm / (norm + 1e-6))`. `scratch` is an f32
