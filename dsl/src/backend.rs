@@ -162,6 +162,24 @@ impl DeviceInfo {
     pub fn plane_reduce(&self, units: u32) -> bool {
         self.plane_ops && self.plane_size_max > 0 && units.is_multiple_of(self.plane_size_max)
     }
+
+    /// What identifies the device for measured kernel choices (a tuned table applies to the
+    /// devices with the same signature): the runtime and the hardware figures kernels are
+    /// shaped by, e.g. `cuda, 132 SMs, 227 KiB shared memory, 1024 units/cube, plane 32`.
+    pub fn signature(&self) -> String {
+        let processors = match (self.streaming_multiprocessors, self.cpu_cores) {
+            (Some(sms), _) => format!("{sms} SMs"),
+            (None, Some(cores)) => format!("{cores} CPU cores"),
+            (None, None) => "processors unknown".to_string(),
+        };
+        format!(
+            "{}, {processors}, {} KiB shared memory, {} units/cube, plane {}",
+            self.runtime_name,
+            self.max_shared_memory_bytes / 1024,
+            self.max_units_per_cube,
+            self.plane_size_max
+        )
+    }
 }
 
 impl fmt::Display for DeviceInfo {
@@ -194,11 +212,43 @@ impl fmt::Display for DeviceInfo {
 pub struct Device<R: Runtime> {
     client: ComputeClient<R>,
     info: Arc<DeviceInfo>,
+    policy: Arc<KernelPolicy>,
 }
 
 impl<R: Runtime> Clone for Device<R> {
     fn clone(&self) -> Self {
-        Self { client: self.client.clone(), info: self.info.clone() }
+        Self { client: self.client.clone(), info: self.info.clone(), policy: self.policy.clone() }
+    }
+}
+
+/// A run's choices about which kernels launch on a device: the numerical trade it accepts
+/// (TF32) and the kernel choices measured for the device. Set once after opening
+/// ([`Device::with_policy`]); every clone of that device carries it.
+#[derive(Clone, Default)]
+pub struct KernelPolicy {
+    /// Let f32 matmuls run on TF32 tensor cores: inputs rounded to a 10-bit mantissa (relative
+    /// error up to 2⁻¹¹ per input), products accumulated in f32. PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32`; off by default, so f32 stays f32.
+    pub allow_tf32: bool,
+    /// Tables of measured kernel choices, owned by the crates that read them (the kernels
+    /// crate's matmul table is one). Stored type-erased because data flows dsl → kernels:
+    /// this crate keeps them without knowing their types. Read with [`Self::table`].
+    pub tables: Vec<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl KernelPolicy {
+    /// The first table of type `T`, if one was given.
+    pub fn table<T: 'static>(&self) -> Option<&T> {
+        self.tables.iter().find_map(|t| t.downcast_ref::<T>())
+    }
+}
+
+impl std::fmt::Debug for KernelPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelPolicy")
+            .field("allow_tf32", &self.allow_tf32)
+            .field("tables", &self.tables.len())
+            .finish()
     }
 }
 
@@ -266,7 +316,7 @@ impl<R: BackendRuntime> Device<R> {
             max_loop_iterations: loop_iteration_cap(&client),
             panics_reported: AtomicUsize::new(DEVICE_PANICS.load(Ordering::SeqCst)),
         };
-        Self { client, info: Arc::new(info) }
+        Self { client, info: Arc::new(info), policy: Arc::default() }
     }
 }
 
@@ -277,6 +327,16 @@ impl<R: Runtime> Device<R> {
 
     pub fn info(&self) -> &DeviceInfo {
         &self.info
+    }
+
+    /// The kernel policy this handle launches with (defaults: no TF32, no tables).
+    pub fn policy(&self) -> &KernelPolicy {
+        &self.policy
+    }
+
+    /// The same device (sharing its client and queue) launching with `policy`.
+    pub fn with_policy(&self, policy: KernelPolicy) -> Self {
+        Self { client: self.client.clone(), info: self.info.clone(), policy: Arc::new(policy) }
     }
 
     pub fn backend(&self) -> Backend {

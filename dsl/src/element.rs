@@ -34,6 +34,18 @@ impl fmt::Display for DType {
     }
 }
 
+impl std::str::FromStr for DType {
+    type Err = String;
+
+    /// Parses the names [`fmt::Display`] writes (`f32`, `f16`, `bf16`, `u32`, `i32`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        [DType::F32, DType::F16, DType::BF16, DType::U32, DType::I32]
+            .into_iter()
+            .find(|d| d.to_string() == s)
+            .ok_or_else(|| format!("unknown element type `{s}` (expected f32, f16, bf16, u32 or i32)"))
+    }
+}
+
 /// A type a [`crate::GpuTensor`] can store.
 pub trait Element: CubeElement + Numeric + Copy {
     const DTYPE: DType;

@@ -36,7 +36,9 @@ pub mod reduce;
 pub mod rounding;
 pub mod tensor;
 
-pub use backend::{Backend, BackendRuntime, Device, DeviceInfo, OnDevice, on_device, on_device_at};
+pub use backend::{
+    Backend, BackendRuntime, Device, DeviceInfo, KernelPolicy, OnDevice, on_device, on_device_at,
+};
 pub use element::{DType, Element, FloatElement};
 pub use error::{Error, Result};
 pub use memory::{ELEMENTWISE_UNITS, record_scalar};

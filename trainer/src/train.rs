@@ -87,6 +87,11 @@ pub struct TrainOptions {
     /// grad_accum` micro-batches of `batch` rows. Absent in checkpoints of single-rank runs.
     #[serde(default = "one_rank")]
     pub world_size: usize,
+    /// f32 products on TF32 tensor cores (`--tf32`, CUDA only; see
+    /// [`dsl::KernelPolicy::allow_tf32`]). It changes the numbers, so a resumed run keeps it.
+    /// Absent in checkpoints written before 2026-12-07 (no TF32 then).
+    #[serde(default)]
+    pub tf32: bool,
 }
 
 fn one_rank() -> usize {
@@ -116,6 +121,7 @@ impl Default for TrainOptions {
             head_chunk: HeadChunk::Auto,
             recompute: Recompute::None,
             world_size: 1,
+            tf32: false,
         }
     }
 }

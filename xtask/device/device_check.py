@@ -305,9 +305,9 @@ def write_report(results_dir, doc):
         lines.append(f"PyTorch {doc['torch'].get('version')}, transformers {doc['torch'].get('transformers')}")
     lines.append("")
     if doc["matmul"]:
-        lines += ["## Matmul (ours / torch.matmul)", "", "| pass | dtype | shape | routine | ours TFLOP/s | torch TFLOP/s | ratio |", "|---|---|---|---|---|---|---|"]
+        lines += ["## Matmul (ours / torch.matmul)", "", "| weights | pass | dtype | shape | routine | ours TFLOP/s | torch TFLOP/s | ratio |", "|---|---|---|---|---|---|---|---|"]
         for r in doc["matmul"]:
-            lines.append(f"| {r['pass']} | {r['dtype']} | {r['shape']} | {r.get('routine', '')} | {fmt(r['tflop_per_s'], '.1f')} | "
+            lines.append(f"| {r.get('what', '')} | {r['pass']} | {r['dtype']} | {r['shape']} | {r.get('routine', '')} | {fmt(r['tflop_per_s'], '.1f')} | "
                          f"{fmt(r.get('torch_tflop_per_s'), '.1f')} | {fmt(r.get('ratio'))}{' ' + r['torch_error'] if 'torch_error' in r else ''} |")
         lines.append("")
     if doc["attention"]:

@@ -11,21 +11,28 @@
 #      attention shape, a Hugging Face LlamaForCausalLM step eager and torch.compile,
 # then RESULTS/report.json and RESULTS/report.md with side-by-side ratios. A phase that fails or
 # runs out of time is reported and the next one runs; exit 0 when the report was written.
+# The matmuls run the routines of tuning/matmul/'s table for this GPU, if the bundle has one.
 #
-# usage: ./run.sh [--quick|--full] [--out RESULTS_DIR]   (default RESULTS_DIR: ./results)
+# --tune instead times every matmul routine on Llama-2-7B's training-step GEMMs at 16k tokens
+# (`xtask tune-matmul`: bf16, f16, f32 on TF32) and writes the table of the fastest into
+# tuning/matmul/ and RESULTS/tuning/: commit it to the repository, and later runs use it.
+#
+# usage: ./run.sh [--quick|--full|--tune] [--out RESULTS_DIR]   (default RESULTS_DIR: ./results)
 set -uo pipefail
 
 QUICK_DEFAULT=0
 HERE="$(cd "$(dirname "$0")" && pwd)"
 QUICK=$QUICK_DEFAULT
+TUNE=0
 OUT="$HERE/results"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --full) QUICK=0 ;;
+    --tune) TUNE=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) echo "run.sh: unknown argument $1 (use --quick, --full, --out DIR)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "run.sh: unknown argument $1 (use --quick, --full, --tune, --out DIR)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -102,6 +109,23 @@ run_phase() {  # name, budget seconds, output file, command...
   [ $rc != 0 ] && [ $rc != 124 ] && log "$name: exit status $rc (see $OUT/$name.log)"
   phase_done "$name" "$rc" "$(( $(date +%s) - t0 ))"
 }
+
+# --- Tuning mode: the matmul table only ----------------------------------------------------
+if [ "$TUNE" = 1 ]; then
+  # 7 minutes, then whatever dtypes finished are in the table (it is written per dtype run).
+  for dtype in bf16 f16; do
+    ( cd "$HERE" && timeout 200 "$HERE/bin/xtask" tune-matmul --backend cuda --dtype "$dtype" ) \
+      > "$OUT/tune_$dtype.txt" 2> "$OUT/tune_$dtype.log"
+    log "tune $dtype: exit status $? (see $OUT/tune_$dtype.txt)"
+  done
+  ( cd "$HERE" && timeout 100 "$HERE/bin/xtask" tune-matmul --backend cuda --dtype f32 --tf32 --iters 3 ) \
+    > "$OUT/tune_tf32.txt" 2> "$OUT/tune_tf32.log"
+  log "tune tf32: exit status $?"
+  mkdir -p "$OUT/tuning" && cp -r "$HERE/tuning/matmul" "$OUT/tuning/"
+  cat "$OUT"/tune_*.txt
+  log "tables: $OUT/tuning/matmul/ (commit to the repository's tuning/matmul/)"
+  exit 0
+fi
 
 # --- 1. CUDA tests ------------------------------------------------------------------------
 run_phase tests "${BUDGET[0]}" "$OUT/tests.txt" "$HERE/bin/cuda_tests" --test-threads=4

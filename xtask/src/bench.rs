@@ -12,7 +12,7 @@
 //! synchronised with the device.
 
 use crate::BackendArg;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use dsl::rounding::RoundingKey;
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
 use kernels::adamw::{AdamW, Rounding, adamw_step, adamw_step_master};
@@ -21,7 +21,6 @@ use kernels::attention::{AttentionKernel, attention_backward_with, attention_for
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
-use kernels::matmul::{MatmulRoutine, linear_backward_input, linear_backward_weight, linear_forward};
 use kernels::residual::residual_add;
 use kernels::rmsnorm::{
     rmsnorm_backward, rmsnorm_backward_accumulate, rmsnorm_backward_scratch_rows, rmsnorm_forward,
@@ -39,6 +38,8 @@ const KERNELS: [&str; 9] =
 pub struct BenchArgs {
     #[command(flatten)]
     backend: BackendArg,
+    #[command(flatten)]
+    kernel: crate::tune::KernelArgs,
     /// Print one JSON document on standard output instead of the table.
     #[arg(long)]
     json: bool,
@@ -68,6 +69,8 @@ struct Report {
 /// One of the linear layer's products (2·M·N·K FLOPs).
 #[derive(Serialize)]
 struct MatmulResult {
+    /// The weights it serves (`q, o`, `mlp.down`, …).
+    what: String,
     pass: &'static str,
     dtype: String,
     /// `M×K·K×N`.
@@ -150,6 +153,9 @@ impl OnDevice for Bench<'_> {
     type Output = Result<Report>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<Report> {
         eprintln!("device: {}", dev.info());
+        let (dev, line) = self.args.kernel.apply(dev)?;
+        eprintln!("{line}");
+        let dev = &dev;
         let copy = measure_copy(dev, self.args.iters)?;
         eprintln!("copy bandwidth: {:.1} GB/s", copy.gb_per_s);
         let fast = copy.gb_per_s >= FAST_DEVICE_GBPS;
@@ -239,7 +245,7 @@ impl<R: BackendRuntime> Ctx<'_, R> {
 
 /// Median wall time of `iters` runs of `launch` followed by a device sync, after 3 warm-ups
 /// (the first launch of each kernel compiles it).
-fn time_ms<R: BackendRuntime>(
+pub(crate) fn time_ms<R: BackendRuntime>(
     dev: &Device<R>,
     iters: usize,
     mut launch: impl FnMut() -> Result<()>,
@@ -604,42 +610,40 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
     Ok(())
 }
 
-/// The MLP's up projection at Llama-2-7B width (`[tokens, 4096] · [11008, 4096]ᵀ`) and its two
-/// backward products.
+/// The GEMMs of a Llama-2-7B training step at `tokens` rows (each layer's projections in the
+/// three passes, and the lm_head), each on the routine a run would choose (the device's table,
+/// or the built-in choice). f32 without TF32 and slow devices (lavapipe) measure only the MLP's
+/// up projection and its two backward products, which alone take seconds there.
 fn bench_matmul<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>, tokens: usize) -> Result<()> {
     let dev = ctx.dev;
     let n = ctx.fit(tokens, INTERMEDIATE * size_of::<F>());
-    let (din, dout) = (HIDDEN, INTERMEDIATE);
-    let x = filled::<R, F>(dev, &[n, din], 0.01)?;
-    let w = filled::<R, F>(dev, &[dout, din], 0.01)?;
-    let dy = filled::<R, F>(dev, &[n, dout], 0.01)?;
-    let mut y = GpuTensor::<R, F>::uninit(dev, &[n, dout])?;
-    let mut dx = GpuTensor::<R, F>::uninit(dev, &[n, din])?;
-    let mut dw = GpuTensor::<R, F>::zeros(dev, &[dout, din])?;
-    let flops = 2.0 * (n * din * dout) as f64;
-    let shapes = [
-        ("y = x·Wᵀ", format!("{n}x{din}·{din}x{dout}")),
-        ("dx = dy·W", format!("{n}x{dout}·{dout}x{din}")),
-        ("dW += dyᵀ·x", format!("{dout}x{n}·{n}x{din}")),
-    ];
-    for (k, (pass, shape)) in shapes.into_iter().enumerate() {
-        eprintln!("matmul {pass} {} {shape}…", F::DTYPE);
-        let mut routine = MatmulRoutine::Units;
-        let ms = time_ms(dev, ctx.iters, || {
-            routine = match k {
-                0 => linear_forward(dev, &mut y, &x, &w)?,
-                1 => linear_backward_input(dev, &mut dx, &dy, &w, false)?,
-                _ => linear_backward_weight(dev, &mut dw, &dy, &x)?,
-            };
-            Ok(())
-        })?;
+    let config = model::LlamaConfig::preset("llama2-7b")?;
+    let mut gemms = crate::tune::step_gemms(&config, n)?;
+    let full = ctx.fast && (F::DTYPE != DType::F32 || dev.policy().allow_tf32);
+    if !full {
+        gemms.retain(|g| g.in_features == HIDDEN && g.out_features == INTERMEDIATE && !g.accumulate);
+        gemms.truncate(3);
+    }
+    let mut inputs = crate::tune::Inputs::default();
+    for gemm in &gemms {
+        let (pass, shape) = (gemm.pass.label(gemm.accumulate), gemm.shape());
+        eprintln!("matmul {} {pass} {} {shape}…", gemm.what, F::DTYPE);
+        let key = gemm.key(F::DTYPE, dev.policy().allow_tf32);
+        let routine = kernels::matmul::choose(dev, &key);
+        let measured = crate::tune::measure::<R, F>(dev, gemm, &[routine], ctx.iters, &mut inputs)?;
+        let (ran, ms) = match (measured.best, measured.timings.first()) {
+            (Some(best), _) => best,
+            (None, Some(t)) => bail!("matmul {pass} {shape}: {}", t.note),
+            (None, None) => bail!("matmul {pass} {shape}: nothing ran"),
+        };
         ctx.matmul.push(MatmulResult {
+            what: gemm.what.clone(),
             pass,
             dtype: F::DTYPE.to_string(),
             shape,
-            routine: format!("{routine:?}"),
+            routine: ran.name().to_string(),
             median_ms: ms,
-            tflop_per_s: flops / (ms * 1e-3) / 1e12,
+            tflop_per_s: key.flops() / (ms * 1e-3) / 1e12,
         });
     }
     Ok(())
@@ -676,13 +680,14 @@ fn print_table(report: &Report) {
     if !report.matmul.is_empty() {
         println!();
         println!(
-            "{:<13} {:<6} {:<26} {:<12} {:>11} {:>9}",
-            "matmul", "dtype", "shape", "routine", "median", "GFLOP/s"
+            "{:<22} {:<13} {:<6} {:<26} {:<20} {:>11} {:>9}",
+            "matmul", "pass", "dtype", "shape", "routine", "median", "GFLOP/s"
         );
     }
     for m in &report.matmul {
         println!(
-            "{:<13} {:<6} {:<26} {:<12} {:>8.3} ms {:>9.1}",
+            "{:<22} {:<13} {:<6} {:<26} {:<20} {:>8.3} ms {:>9.1}",
+            m.what,
             m.pass,
             m.dtype,
             m.shape,

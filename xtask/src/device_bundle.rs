@@ -137,6 +137,11 @@ pub fn run(args: DeviceBundleArgs) -> Result<()> {
         copy_tree(dir, &include)?;
     }
     copy_tree(&root.join("tests/fixtures"), &out.join("fixtures"))?;
+    // Committed matmul tables: bin/xtask finds them beside itself (../tuning/matmul).
+    std::fs::create_dir_all(out.join(crate::tune::TABLE_DIR))?;
+    if root.join(crate::tune::TABLE_DIR).is_dir() {
+        copy_tree(&root.join(crate::tune::TABLE_DIR), &out.join(crate::tune::TABLE_DIR))?;
+    }
     std::fs::create_dir_all(out.join("python"))?;
     std::fs::copy(root.join("xtask/device/device_check.py"), out.join("python/device_check.py"))
         .context("copying device_check.py")?;
@@ -163,7 +168,8 @@ pub fn run(args: DeviceBundleArgs) -> Result<()> {
              cuda/include     CUDA headers for NVRTC (CUDA_PATH)\n\
              fixtures/        tests/fixtures (CUBELLAMA_FIXTURES)\n\
              python/          device_check.py: PyTorch baselines + report\n\
-             run.sh           the check: ./run.sh [--quick|--full] [--out DIR]\n",
+             tuning/matmul/   matmul routine tables (run.sh --tune writes this GPU's)\n\
+             run.sh           the check: ./run.sh [--quick|--full|--tune] [--out DIR]\n",
             args.quick,
             names.len()
         ),

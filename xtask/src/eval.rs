@@ -13,6 +13,8 @@ use trainer::eval::{EvalReport, evaluate};
 pub struct EvalArgs {
     #[command(flatten)]
     backend: BackendArg,
+    #[command(flatten)]
+    kernel: crate::tune::KernelArgs,
     /// Checkpoint directory in the Hugging Face layout (config.json + safetensors).
     #[arg(long)]
     model: PathBuf,
@@ -130,10 +132,12 @@ impl OnDevice for Eval<'_> {
     type Output = Result<EvalReport>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<EvalReport> {
         eprintln!("device: {}", dev.info());
+        let (dev, line) = self.args.kernel.apply(dev)?;
+        eprintln!("{line}");
         match self.args.dtype.as_str() {
-            "f16" => self.run_as::<R, half::f16>(dev),
-            "bf16" => self.run_as::<R, half::bf16>(dev),
-            _ => self.run_as::<R, f32>(dev),
+            "f16" => self.run_as::<R, half::f16>(&dev),
+            "bf16" => self.run_as::<R, half::bf16>(&dev),
+            _ => self.run_as::<R, f32>(&dev),
         }
     }
 }

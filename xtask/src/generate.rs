@@ -14,6 +14,8 @@ use trainer::tokenizer::{TOKENIZER_FILE, TextTokenizer};
 pub struct GenerateArgs {
     #[command(flatten)]
     backend: BackendArg,
+    #[command(flatten)]
+    kernel: crate::tune::KernelArgs,
     /// Checkpoint directory (Hugging Face layout).
     #[arg(long)]
     model: PathBuf,
@@ -68,10 +70,13 @@ struct Generate<'a> {
 impl OnDevice for Generate<'_> {
     type Output = Result<()>;
     fn run<R: BackendRuntime>(self, dev: &Device<R>) -> Result<()> {
+        // Quietly: generated text goes to standard output, and the choice changes no token
+        // beyond TF32's rounding.
+        let (dev, _) = self.args.kernel.apply(dev)?;
         match self.args.dtype.as_str() {
-            "f16" => self.run_as::<R, half::f16>(dev),
-            "bf16" => self.run_as::<R, half::bf16>(dev),
-            _ => self.run_as::<R, f32>(dev),
+            "f16" => self.run_as::<R, half::f16>(&dev),
+            "bf16" => self.run_as::<R, half::bf16>(&dev),
+            _ => self.run_as::<R, f32>(&dev),
         }
     }
 }

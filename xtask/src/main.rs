@@ -37,6 +37,7 @@ mod setup;
 mod sft;
 mod test;
 mod train;
+mod tune;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -112,6 +113,9 @@ enum Command {
     /// Build the CUDA binaries and a run.sh for a GPU machine without Rust: tests, bench, a
     /// training step and PyTorch baselines, reported side by side.
     DeviceBundle(device_bundle::DeviceBundleArgs),
+    /// Time every matmul routine the device offers on a model's training-step GEMMs and write
+    /// the table of the fastest (tuning/matmul/), which later runs on this device load.
+    TuneMatmul(tune::TuneArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -150,5 +154,6 @@ fn run(command: Command) -> Result<()> {
         Command::DataAudit(args) => data_audit::run(*args),
         Command::CudaReport(args) => cuda_report::run(args),
         Command::DeviceBundle(args) => device_bundle::run(args),
+        Command::TuneMatmul(args) => tune::run(args),
     }
 }

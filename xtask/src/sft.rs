@@ -310,10 +310,17 @@ impl OnDevice for Sft<'_> {
             Some(env) => eprintln!("rank {} of {}: device {}", env.rank, env.world_size, dev.info()),
             None => eprintln!("device: {}", dev.info()),
         }
+        // A resumed run keeps its TF32 setting (the prepared options are the saved ones).
+        let kernel =
+            crate::tune::KernelArgs { tf32: self.prepared.options.tf32, ..self.args.train.kernel.clone() };
+        let (dev, line) = kernel.apply(dev)?;
+        if self.env.as_ref().is_none_or(|e| e.rank == 0) {
+            eprintln!("{line}");
+        }
         match self.prepared.dtype.as_str() {
-            "f16" => self.run_as::<R, half::f16>(dev),
-            "bf16" => self.run_as::<R, half::bf16>(dev),
-            _ => self.run_as::<R, f32>(dev),
+            "f16" => self.run_as::<R, half::f16>(&dev),
+            "bf16" => self.run_as::<R, half::bf16>(&dev),
+            _ => self.run_as::<R, f32>(&dev),
         }
     }
 }

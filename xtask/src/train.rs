@@ -169,6 +169,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "none|layer")]
     pub recompute: Option<Recompute>,
     #[command(flatten)]
+    pub kernel: crate::tune::KernelArgs,
+    #[command(flatten)]
     pub dist: DistArgs,
 }
 
@@ -231,6 +233,7 @@ impl TrainArgs {
             precision: self.precision(),
             head_chunk: self.lm_head_chunk.unwrap_or(base.head_chunk),
             recompute: self.recompute.unwrap_or(base.recompute),
+            tf32: self.kernel.tf32 || base.tf32,
             ..base
         }
     }
@@ -352,6 +355,11 @@ impl TrainArgs {
         check("eps", self.eps.map(|v| v.to_string()), saved.eps.to_string());
         check("grad-clip", self.grad_clip.map(|v| v.to_string()), saved.grad_clip.to_string());
         check("seed", self.seed.map(|v| v.to_string()), saved.seed.to_string());
+        check(
+            "tf32",
+            self.kernel.tf32.then(|| "on".to_string()),
+            if saved.tf32 { "on" } else { "off" }.into(),
+        );
         check("lm-head-chunk", self.lm_head_chunk.map(|v| v.to_string()), saved.head_chunk.to_string());
         let precision = &saved.precision;
         check(
@@ -529,10 +537,16 @@ impl OnDevice for Train<'_> {
             Some(env) => eprintln!("rank {} of {}: device {}", env.rank, env.world_size, dev.info()),
             None => eprintln!("device: {}", dev.info()),
         }
+        // A resumed run keeps its TF32 setting (the plan's options are the saved ones).
+        let kernel = crate::tune::KernelArgs { tf32: self.plan.options.tf32, ..self.args.kernel.clone() };
+        let (dev, line) = kernel.apply(dev)?;
+        if self.env.as_ref().is_none_or(|e| e.rank == 0) {
+            eprintln!("{line}");
+        }
         match self.plan.dtype.as_str() {
-            "f16" => self.run_as::<R, half::f16>(dev),
-            "bf16" => self.run_as::<R, half::bf16>(dev),
-            _ => self.run_as::<R, f32>(dev),
+            "f16" => self.run_as::<R, half::f16>(&dev),
+            "bf16" => self.run_as::<R, half::bf16>(&dev),
+            _ => self.run_as::<R, f32>(&dev),
         }
     }
 }

@@ -137,6 +137,31 @@ fn bench_only<F: FloatElement>(device: &Device<OfflineCuda>) -> Result<()> {
     let mut scratch = NaiveScratch::new(device, b, h, t)?;
     naive_attention_forward(device, &mut out, &mut scratch, &q, &k, &v, true)?;
     naive_attention_backward(device, &mut dq, &mut dk, &mut dv, &mut scratch, &dout, &q, &k, &v, &out)?;
+    every_matmul_routine::<F>(device)
+}
+
+/// Every matmul routine the device offers (f32 with TF32 allowed), on the three products of
+/// Llama-2-7B's MLP up projection at 16k tokens: what `cargo xtask tune-matmul` and a table
+/// may choose, so each candidate's registers, spills and shared memory are in the report.
+fn every_matmul_routine<F: FloatElement>(device: &Device<OfflineCuda>) -> Result<()> {
+    use kernels::matmul::{
+        MatmulRoutine, linear_backward_input_with, linear_backward_weight_with, linear_forward_with,
+    };
+    let device = &device.with_policy(dsl::KernelPolicy { allow_tf32: true, ..Default::default() });
+    let (n, hidden, inter) = (16384, 4096, 11008);
+    let x = GpuTensor::<OfflineCuda, F>::uninit(device, &[n, hidden])?;
+    let w = GpuTensor::<OfflineCuda, F>::uninit(device, &[inter, hidden])?;
+    let dy = GpuTensor::<OfflineCuda, F>::uninit(device, &[n, inter])?;
+    let mut y = GpuTensor::<OfflineCuda, F>::uninit(device, &[n, inter])?;
+    let mut dx = GpuTensor::<OfflineCuda, F>::uninit(device, &[n, hidden])?;
+    let mut dw = GpuTensor::<OfflineCuda, f32>::uninit(device, &[inter, hidden])?;
+    for routine in MatmulRoutine::offered(device, F::DTYPE) {
+        let r = Some(routine);
+        linear_forward_with(device, r, &mut y, &x, &w)?;
+        linear_backward_input_with(device, r, &mut dx, &dy, &w, false)?;
+        linear_backward_input_with(device, r, &mut dx, &dy, &w, true)?;
+        linear_backward_weight_with(device, r, &mut dw, &dy, &x)?;
+    }
     Ok(())
 }
 
