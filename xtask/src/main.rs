@@ -20,6 +20,9 @@
 //!   compiled offline (no GPU): registers, spills, shared memory, whether it fits.
 //! - `cargo xtask device-bundle --out DIR [--quick]`: CUDA binaries + `DIR/run.sh`, the one
 //!   GPU check (tests, bench, training step, PyTorch baselines side by side).
+//! - `cargo xtask tune-matmul [--preset NAME] [--tokens N] [--dtype ...] [--tf32]`: every
+//!   matmul routine timed on a training step's GEMMs; the fastest per shape into
+//!   `tuning/matmul/`, which runs on the same kind of device load.
 
 mod bench;
 mod cargo;

@@ -38,9 +38,9 @@ pub struct KernelArgs {
 
 impl KernelArgs {
     /// `dev` with this run's kernel policy, and a line saying what it is (for the startup
-    /// report). An unreadable table is an error; a table measured on another device is used
-    /// when named explicitly (its choices are only slower there, never wrong) and skipped when
-    /// found by search.
+    /// report). An unreadable table is an error. A table named with `--matmul-table` is used
+    /// even if measured on another device (its choices are only slower there, never wrong:
+    /// the line says so); one found by search must record the device its file name is for.
     pub fn apply<R: BackendRuntime>(&self, dev: &Device<R>) -> Result<(Device<R>, String)> {
         let signature = dev.info().signature();
         let mut policy = KernelPolicy { allow_tf32: self.tf32, ..Default::default() };
@@ -402,23 +402,25 @@ fn relative_difference(got: &[f64], want: &[f64]) -> f64 {
     worst / scale
 }
 
-/// Values in [-1, 1) from a counter hash (fast enough for 10⁸ elements; what matters is that
-/// no two routines can agree by accident).
-fn pseudo_random<R: BackendRuntime, F: FloatElement>(
+/// Values in [-1, 1) from a counter hash, generated on every core (a 7B step's inputs hold
+/// 10⁸ elements; what matters is that no two routines can agree by accident).
+fn pseudo_random<R: BackendRuntime, E: FloatElement>(
     dev: &Device<R>,
     shape: &[usize],
     seed: u64,
-) -> Result<GpuTensor<R, F>> {
+) -> Result<GpuTensor<R, E>> {
+    use rayon::prelude::*;
     let n: usize = shape.iter().product();
-    let values: Vec<f64> = (0..n as u64)
+    let values: Vec<E> = (0..n as u64)
+        .into_par_iter()
         .map(|i| {
             let mut z = (i ^ (seed << 40)).wrapping_add(0x9E37_79B9_7F4A_7C15);
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            E::from_f64_rounded(((z >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0)
         })
         .collect();
-    Ok(GpuTensor::from_f64(dev, &values, shape)?)
+    Ok(GpuTensor::from_slice(dev, &values, shape)?)
 }
 
 #[derive(clap::Args)]

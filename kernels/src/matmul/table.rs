@@ -61,17 +61,17 @@ impl MatmulKey {
 }
 
 impl fmt::Display for MatmulKey {
+    /// `[m×k]·[k×n]` with each transposed operand as stored, then `ᵀ`: the forward
+    /// `[N×in]·[out×in]ᵀ`, the weight gradient `[N×out]ᵀ·[N×in]`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let t = |transposed| if transposed { "ᵀ" } else { "" };
+        let operand = |rows: usize, cols: usize, transposed: bool| {
+            if transposed { format!("[{cols}x{rows}]ᵀ") } else { format!("[{rows}x{cols}]") }
+        };
         write!(
             f,
-            "[{}x{}]{}·[{}x{}]{} {}→{}{}{}",
-            self.m,
-            self.k,
-            t(self.lhs_transposed),
-            self.k,
-            self.n,
-            t(self.rhs_transposed),
+            "{}·{} {}→{}{}{}",
+            operand(self.m, self.k, self.lhs_transposed),
+            operand(self.k, self.n, self.rhs_transposed),
             self.dtype,
             self.out_dtype,
             if self.accumulate { " +=" } else { "" },
@@ -284,6 +284,19 @@ mod tests {
         // Another kind (accumulating) has no entry.
         assert_eq!(table.choose(&MatmulKey { accumulate: true, ..key(16384, 4096, 4096) }), None);
         assert_eq!(table.choose(&MatmulKey { dtype: DType::F16, ..key(16384, 4096, 4096) }), None);
+    }
+
+    #[test]
+    fn keys_print_operands_as_stored() {
+        assert_eq!(key(16384, 11008, 4096).to_string(), "[16384x4096]·[11008x4096]ᵀ bf16→bf16");
+        let dw = MatmulKey {
+            lhs_transposed: true,
+            rhs_transposed: false,
+            out_dtype: DType::F32,
+            accumulate: true,
+            ..key(11008, 4096, 16384)
+        };
+        assert_eq!(dw.to_string(), "[16384x11008]ᵀ·[16384x4096] bf16→f32 +=");
     }
 
     #[test]
