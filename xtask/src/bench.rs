@@ -17,7 +17,7 @@ use dsl::rounding::RoundingKey;
 use dsl::{BackendRuntime, DType, Device, FloatElement, GpuTensor, OnDevice};
 use kernels::adamw::{AdamW, Rounding, adamw_step, adamw_step_master};
 use kernels::attention::naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
-use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
+use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with, flash};
 use kernels::cross_entropy::{Targets, cross_entropy_forward, cross_entropy_forward_backward};
 use kernels::embedding::{TokenIds, embedding_backward, embedding_forward};
 use kernels::grad_norm::{grad_norm, grad_norm_scratch_len};
@@ -537,9 +537,11 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
             );
             let label = format!("{batch}x{seq}, {q_heads}:{kv_heads} heads, hd {head_dim}");
             eprintln!("attention {} {label}…", F::DTYPE);
-            // Every kernel set the device has (portable; tensor cores on CUDA f16/bf16).
+            // Every kernel set the device has (portable and flash; tensor cores on CUDA f16/bf16)
+            // that takes this head_dim (flash at f32 hd 128 does not fit lavapipe).
             let mut timed = Vec::new();
-            for kernel in AttentionKernel::available::<R, F>(dev) {
+            let kernels = AttentionKernel::available::<R, F>(dev);
+            for kernel in kernels.into_iter().filter(|k| k.takes::<R, F>(dev, head_dim)) {
                 let fwd = time_ms(dev, ctx.iters, || {
                     Ok(attention_forward_with(dev, kernel, &mut out, &mut lse, &q, &k, &v, true)?)
                 })?;
@@ -586,9 +588,12 @@ fn bench_attention<R: BackendRuntime, F: FloatElement>(ctx: &mut Ctx<'_, R>) -> 
                 ]
             });
             for (pass, kernel, flops, ms, naive_ms, naive_extra) in passes {
+                // Flash without the device's mma.m16n8k16 emulates it: a correctness aid, not a
+                // speed figure; say so in the row.
+                let emulated = kernel == AttentionKernel::Flash && !flash::device_mma::<R, F>(dev);
                 ctx.attention.push(AttentionResult {
                     pass,
-                    kernel: kernel.name(),
+                    kernel: if emulated { "flash (emulated mma)" } else { kernel.name() },
                     dtype: F::DTYPE.to_string(),
                     batch,
                     seq,

@@ -21,18 +21,21 @@
 //! head-dimension loops unrolled); tile sizes come from the device's shared memory. Sequence
 //! lengths, head counts and the position offset are runtime values.
 //!
-//! Two sets of kernels ([`AttentionKernel`]): the portable ones ([`portable`]: plain f32
-//! arithmetic, one unit per query or key row; every device, and what the lavapipe tests cover)
-//! and, for f16/bf16 where the device has matrix instructions (CUDA), the tensor-core ones
-//! ([`tensor_cores`]). [`attention_forward`] picks the best available;
+//! Three sets of kernels ([`AttentionKernel`]): the portable ones ([`portable`]: plain f32
+//! arithmetic, one unit per query or key row; every device), for f16/bf16 where the device has
+//! matrix instructions (CUDA) the tensor-core ones ([`tensor_cores`]: wmma), and the flash ones
+//! ([`flash`]: FlashAttention-2's design on `mma.m16n8k16`, emulated where the device lacks it,
+//! not yet chosen by default). [`attention_forward`] picks the best available;
 //! [`attention_forward_with`] picks explicitly.
 //! The backward likewise ([`attention_backward`], [`attention_backward_with`]).
 //!
 //! Files: this one holds the choice of kernel set, the checks and the launchers; [`rules`]
 //! what every set shares (configuration, sizes, the masking and key-range rules as `#[cube]`
-//! functions); [`portable`] and [`tensor_cores`] the kernels, each importing only [`rules`];
+//! functions); [`portable`], [`tensor_cores`] and [`flash`] the kernels, each importing only
+//! [`rules`];
 //! [`naive`] the `T×T` comparator the benchmark times them against.
 
+pub mod flash;
 pub mod naive;
 pub mod portable;
 pub mod rules;
@@ -51,6 +54,12 @@ pub enum AttentionKernel {
     Portable,
     /// Matrix instructions (CubeCL's cmma: CUDA wmma) for every product: f16/bf16 on CUDA.
     TensorCores,
+    /// FlashAttention-2's design ([`flash`]): each warp keeps its rows' scores, softmax and
+    /// output in registers around `mma.m16n8k16`. Runs everywhere: on devices without that
+    /// instruction for the element type the instruction is emulated (slow; there so the
+    /// lavapipe tests cover the kernels). Not yet chosen by [`AttentionKernel::best`]: it has
+    /// not run on a GPU (issue 18).
+    Flash,
 }
 
 impl AttentionKernel {
@@ -62,16 +71,28 @@ impl AttentionKernel {
     /// Every kernel `device` runs for `F`, portable first.
     pub fn available<R: Runtime, F: FloatElement>(device: &Device<R>) -> Vec<Self> {
         let mut kernels = vec![Self::Portable];
-        if Self::best::<R, F>(device) == Self::TensorCores {
+        if tensor_cores::available::<R, F>(device) {
             kernels.push(Self::TensorCores);
         }
+        kernels.push(Self::Flash);
         kernels
+    }
+
+    /// Whether this kernel set takes `head_dim` on `device` for `F` (the flash kernels need
+    /// their smallest tiles to fit in shared memory: on lavapipe's 32 KiB, f32 at head_dim
+    /// 112 and 128 does not).
+    pub fn takes<R: Runtime, F: FloatElement>(self, device: &Device<R>, head_dim: usize) -> bool {
+        match self {
+            Self::Portable | Self::TensorCores => true,
+            Self::Flash => flash::fits::<R, F>(device, head_dim),
+        }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
             Self::TensorCores => "tensor cores",
+            Self::Flash => "flash",
         }
     }
 }
@@ -140,7 +161,20 @@ fn check_kernel_available<R: Runtime, F: FloatElement>(
     op: &'static str,
     device: &Device<R>,
     kernel: AttentionKernel,
+    head_dim: usize,
 ) -> Result<()> {
+    if kernel == AttentionKernel::Flash && !flash::fits::<R, F>(device, head_dim) {
+        return Err(Error::Unsupported {
+            op,
+            message: format!(
+                "the flash kernels' smallest tiles at head_dim {head_dim} need more than the {} bytes of shared \
+                 memory {} offers for {}",
+                device.info().max_shared_memory_bytes,
+                device.info().device,
+                F::DTYPE
+            ),
+        });
+    }
     if kernel == AttentionKernel::TensorCores && !tensor_cores::available::<R, F>(device) {
         return Err(Error::Unsupported {
             op,
@@ -172,6 +206,7 @@ fn kernel_config<R: Runtime, F: FloatElement>(
             let cfg = tensor_cores::config::<R, F>(device, head_dim, causal);
             (cfg, tensor_cores::cube_units(&cfg))
         }
+        AttentionKernel::Flash => unreachable!("the flash kernels launch with their own configuration"),
     }
 }
 
@@ -189,8 +224,12 @@ fn launch_forward<R: Runtime, F: FloatElement>(
     const OP: &str = "attention_forward";
     Error::check_shape(OP, "out", out.shape(), q.shape())?;
     Error::check_shape(OP, "lse", lse.shape(), &[shape.batch, shape.q_heads, shape.q_len])?;
-    check_kernel_available::<R, F>(OP, device, kernel)?;
+    check_kernel_available::<R, F>(OP, device, kernel, shape.head_dim)?;
     if shape.batch * shape.q_len == 0 {
+        return Ok(());
+    }
+    if kernel == AttentionKernel::Flash {
+        flash::forward(device, out, lse, q, k, v, shape, causal);
         return Ok(());
     }
     let (cfg, units) = kernel_config::<R, F>(device, kernel, shape.head_dim, causal);
@@ -225,6 +264,7 @@ fn launch_forward<R: Runtime, F: FloatElement>(
                 scale,
                 cfg,
             ),
+            AttentionKernel::Flash => unreachable!("launched above"),
             AttentionKernel::TensorCores => {
                 tensor_cores::attention_forward_cmma_kernel::launch_unchecked::<F, R>(
                     device.client(),
@@ -362,7 +402,7 @@ pub fn attention_backward_with<R: Runtime, F: FloatElement>(
     let stats = [shape.batch, shape.q_heads, shape.q_len];
     Error::check_shape(OP, "lse", lse.shape(), &stats)?;
     Error::check_shape(OP, "delta", delta.shape(), &stats)?;
-    check_kernel_available::<R, F>(OP, device, kernel)?;
+    check_kernel_available::<R, F>(OP, device, kernel, shape.head_dim)?;
     if shape.batch * shape.q_len == 0 {
         return Ok(());
     }
@@ -384,6 +424,10 @@ pub fn attention_backward_with<R: Runtime, F: FloatElement>(
             rows as u32,
             shape.head_dim as u32,
         );
+    }
+    if kernel == AttentionKernel::Flash {
+        flash::backward(device, dq, dk, dv, dout, q, k, v, lse, delta, shape, causal);
+        return Ok(());
     }
     let (cfg, units) = kernel_config::<R, F>(device, kernel, shape.head_dim, causal);
     // Both kernels: `block_q` rows (keys for dK/dV, queries for dQ) per cube.
@@ -446,6 +490,7 @@ pub fn attention_backward_with<R: Runtime, F: FloatElement>(
                     cfg,
                 );
             }
+            AttentionKernel::Flash => unreachable!("launched above"),
             AttentionKernel::TensorCores => {
                 tensor_cores::attention_dkdv_cmma_kernel::launch_unchecked::<F, R>(
                     device.client(),

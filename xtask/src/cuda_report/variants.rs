@@ -10,7 +10,9 @@ use super::offline::{self, CapturedKernel, OfflineCuda};
 use anyhow::{Context, Result};
 use dsl::{Device, FloatElement, GpuTensor};
 use kernels::attention::naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
-use kernels::attention::{AttentionKernel, attention_backward_with, attention_forward_with};
+use kernels::attention::{
+    AttentionKernel, SUPPORTED_HEAD_DIMS, attention_backward_with, attention_forward_with,
+};
 use model::activations::HeadChunk;
 use model::{Activations, KvCache, Llama, LlamaConfig, Params};
 use trainer::optimizer::Optimizer;
@@ -137,7 +139,30 @@ fn bench_only<F: FloatElement>(device: &Device<OfflineCuda>) -> Result<()> {
     let mut scratch = NaiveScratch::new(device, b, h, t)?;
     naive_attention_forward(device, &mut out, &mut scratch, &q, &k, &v, true)?;
     naive_attention_backward(device, &mut dq, &mut dk, &mut dv, &mut scratch, &dout, &q, &k, &v, &out)?;
+    every_flash_variant::<F>(device)?;
     every_matmul_routine::<F>(device)
+}
+
+/// The flash kernels at every compiled head_dim, causal and not (the model shapes above reach
+/// only their own head_dims, and training only the causal variant): issue 18 asks for
+/// registers and spills of each before any GPU run.
+fn every_flash_variant<F: FloatElement>(device: &Device<OfflineCuda>) -> Result<()> {
+    let (b, t, hq, hkv) = (1, 256, 8, 2);
+    for head_dim in SUPPORTED_HEAD_DIMS {
+        let new = |heads: usize| GpuTensor::<OfflineCuda, F>::uninit(device, &[b, t, heads, head_dim]);
+        let (q, k, v, dout) = (new(hq)?, new(hkv)?, new(hkv)?, new(hq)?);
+        let (mut out, mut dq, mut dk, mut dv) = (new(hq)?, new(hq)?, new(hkv)?, new(hkv)?);
+        let mut lse = GpuTensor::<OfflineCuda, f32>::uninit(device, &[b, hq, t])?;
+        let mut delta = GpuTensor::<OfflineCuda, f32>::uninit(device, &[b, hq, t])?;
+        for causal in [false, true] {
+            let flash = AttentionKernel::Flash;
+            attention_forward_with(device, flash, &mut out, &mut lse, &q, &k, &v, causal)?;
+            attention_backward_with(
+                device, flash, &mut dq, &mut dk, &mut dv, &mut delta, &dout, &q, &k, &v, &out, &lse, causal,
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Every matmul routine the device offers (f32 with TF32 allowed), on the three products of
@@ -213,9 +238,14 @@ mod tests {
         for k in &kernels {
             assert!(k.source.is_ok(), "{}: {:?}", crate::cuda_report::kernel_name(k), k.source);
         }
-        for name in
-            ["attention_forward_cmma_kernel", "attention_dq_cmma_kernel", "attention_dkdv_cmma_kernel"]
-        {
+        for name in [
+            "attention_forward_cmma_kernel",
+            "attention_dq_cmma_kernel",
+            "attention_dkdv_cmma_kernel",
+            "flash_forward_kernel",
+            "flash_dq_kernel",
+            "flash_dkdv_kernel",
+        ] {
             for dtype in ["f16", "bf16"] {
                 assert!(
                     kernels
@@ -224,6 +254,12 @@ mod tests {
                     "no {name} for {dtype}"
                 );
             }
+        }
+        // The flash kernels run on `mma.sync` (not its emulation) for half precision.
+        for k in kernels.iter().filter(|k| crate::cuda_report::kernel_name(k).starts_with("flash_")) {
+            let half = k.type_name.contains("f16");
+            let source = k.source.as_ref().unwrap();
+            assert_eq!(source.contains("__mma_m16n8k16"), half, "{}", k.type_name);
         }
         assert!(
             kernels.iter().any(|k| k.type_name.contains("cubek_matmul")
