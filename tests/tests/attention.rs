@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use dsl::{BackendRuntime, DType, Device, Error, FloatElement, GpuTensor};
 use kernels::attention::flash::{
     self,
-    mma::{a_position, b_position, c_position},
+    mma::{Pair, a_position, b_position, c_position, emulation_scratch, mma},
 };
 use kernels::attention::naive::{NaiveScratch, naive_attention_backward, naive_attention_forward};
 use kernels::attention::{
@@ -634,6 +634,16 @@ fn fragment_positions_kernel<F: Float>(theirs: &mut Array<u32>, ours: &mut Array
 /// index by is the device's, lane by lane. (Elsewhere the kernels emulate the instruction with
 /// that same layout, and the property tests above cover them.)
 fn fragment_layout<R: BackendRuntime>(dev: &Device<R>) {
+    // bf16 matrix instructions (the wmma the tensor-core kernels use) and bf16 mma.m16n8k16
+    // both start at sm_80: a device with one and not the other would leave the flash kernels
+    // silently emulated.
+    if AttentionKernel::available::<R, half::bf16>(dev).contains(&AttentionKernel::TensorCores) {
+        assert!(
+            flash::device_mma::<R, half::bf16>(dev),
+            "{} has bf16 wmma but the flash kernels do not see mma.m16n8k16",
+            dev.info().device
+        );
+    }
     fragment_layout_in::<R, half::f16>(dev);
     fragment_layout_in::<R, half::bf16>(dev);
 }
@@ -666,4 +676,107 @@ fn fragment_layout_in<R: BackendRuntime, F: FloatElement>(dev: &Device<R>) {
 #[test]
 fn flash_fragment_layout_is_the_devices() {
     on_test_backend!(fragment_layout);
+}
+
+/// One warp's `mma` (A 16×16 row-major, B 16×8 k-major, C and D 16×8 f32), each lane loading
+/// and storing its fragment elements where the layout functions say.
+#[cube(launch)]
+fn single_mma_kernel<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    c: &Array<f32>,
+    d: &mut Array<f32>,
+    #[comptime] device_mma: bool,
+) {
+    let lane = UNIT_POS as usize;
+    let mut af = Array::<Vector<F, Pair>>::new(4usize);
+    #[unroll]
+    for v in 0usize..4usize {
+        let mut pair = Vector::<F, Pair>::new(F::new(0.0));
+        #[unroll]
+        for x in 0usize..2usize {
+            let (row, col) = a_position(lane, 2 * v + x);
+            pair[x] = a[row * 16 + col];
+        }
+        af[v] = pair;
+    }
+    let mut bf = Array::<Vector<F, Pair>>::new(2usize);
+    let mut acc = Array::<Vector<f32, Pair>>::new(2usize);
+    #[unroll]
+    for v in 0usize..2usize {
+        let mut b_pair = Vector::<F, Pair>::new(F::new(0.0));
+        let mut c_pair = Vector::<f32, Pair>::new(f32::new(0.0));
+        #[unroll]
+        for x in 0usize..2usize {
+            let (k, n) = b_position(lane, 2 * v + x);
+            b_pair[x] = b[k * 8 + n];
+            let (row, col) = c_position(lane, 2 * v + x);
+            c_pair[x] = c[row * 8 + col];
+        }
+        bf[v] = b_pair;
+        acc[v] = c_pair;
+    }
+    let mut scratch = emulation_scratch(1u32, device_mma);
+    mma::<F>(&af, &bf, &mut acc, &mut scratch, 0usize, device_mma);
+    #[unroll]
+    for v in 0usize..2usize {
+        #[unroll]
+        for x in 0usize..2usize {
+            let (row, col) = c_position(lane, 2 * v + x);
+            d[row * 8 + col] = acc[v][x];
+        }
+    }
+}
+
+/// The flash kernels' `mma` (the device's instruction where it has one, and the emulation
+/// everywhere) on small integers, exact in every element type and in f32 sums, equals the CPU
+/// product `A·B + C` exactly: the instruction with the fragment layout, outside attention.
+fn single_mma<R: BackendRuntime>(dev: &Device<R>) {
+    single_mma_in::<R, f32>(dev);
+    if dev.supports::<half::f16>() {
+        single_mma_in::<R, half::f16>(dev);
+    }
+    if dev.supports::<half::bf16>() {
+        single_mma_in::<R, half::bf16>(dev);
+    }
+}
+
+fn single_mma_in<R: BackendRuntime, F: FloatElement>(dev: &Device<R>) {
+    let a: Vec<f64> = (0..16 * 16).map(|i| ((i * 7) % 11) as f64 - 5.0).collect();
+    let b: Vec<f64> = (0..16 * 8).map(|i| ((i * 5) % 9) as f64 - 4.0).collect();
+    let c: Vec<f64> = (0..16 * 8).map(|i| (i % 5) as f64 - 2.0).collect();
+    let mut want = c.clone();
+    for r in 0..16 {
+        for n in 0..8 {
+            want[r * 8 + n] += (0..16).map(|k| a[r * 16 + k] * b[k * 8 + n]).sum::<f64>();
+        }
+    }
+    let at = GpuTensor::<R, F>::from_f64(dev, &a, &[16, 16]).unwrap();
+    let bt = GpuTensor::<R, F>::from_f64(dev, &b, &[16, 8]).unwrap();
+    let ct = GpuTensor::<R, f32>::from_f64(dev, &c, &[16, 8]).unwrap();
+    let mut paths = vec![false];
+    if flash::device_mma::<R, F>(dev) {
+        paths.push(true);
+    }
+    for device_mma in paths {
+        let d = GpuTensor::<R, f32>::from_f64(dev, &[f64::NAN; 16 * 8], &[16, 8]).unwrap();
+        single_mma_kernel::launch::<F, R>(
+            dev.client(),
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(32),
+            at.as_array_arg(),
+            bt.as_array_arg(),
+            ct.as_array_arg(),
+            d.as_array_arg(),
+            device_mma,
+        );
+        let got = d.to_f64_vec(dev).unwrap();
+        let what = if device_mma { "mma.m16n8k16" } else { "emulated mma" };
+        assert_eq!(got, want, "{what} in {}: D = A·B + C (rows of 8)", F::DTYPE);
+    }
+}
+
+#[test]
+fn flash_mma_matches_the_cpu_product() {
+    on_test_backend!(single_mma);
 }
