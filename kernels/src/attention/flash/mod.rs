@@ -11,8 +11,8 @@
 //! - **The exponentiated scores stay in registers** and become the A operand of the next product
 //!   (`P·V`, `dS·K`, `Pᵀ·dO`, `dSᵀ·Q`) without a trip through shared memory: an m16n8 accumulator
 //!   pair has exactly the lane layout of an m16k16 A fragment ([`mma::acc_to_a`]).
-//! - **Output accumulators live in registers** (O; dQ; dK and dV) and leave through shared
-//!   memory once, at the end, in 128-bit stores.
+//! - **Output accumulators live in registers** (O; dQ; dK and dV) and leave once, at the end,
+//!   through a shared-memory tile, in 128-bit global stores.
 //! - **Tiles come in 128-bit loads** and sit in shared memory padded by 8 elements per row, so
 //!   the 8 rows × 4 lanes of a fragment load hit 32 different banks.
 //! - **GQA by index arithmetic**, the causal tiles past the diagonal skipped wholesale.
@@ -27,8 +27,10 @@
 //! `cp.async` double buffering), fragments are loaded with 32-bit shared-memory reads (no
 //! `ldmatrix`; a B operand whose pairs run down the tile's rows, as V in `P·V`, takes two reads
 //! per pair where `ldmatrix.trans` takes one), the causal mask is applied to every tile, not
-//! only the diagonal one, and the tile sizes are untimed guesses (issue 18). **These kernels have not run on a GPU**: `cargo xtask cuda-report` compiles them
-//! offline (registers, spills, shared memory for sm_80/sm_90), and [`super::AttentionKernel::best`]
+//! only the diagonal one, and the tile sizes are untimed guesses (issue 18).
+//!
+//! **These kernels have not run on a GPU**: `cargo xtask cuda-report` compiles them offline
+//! (registers, spills, shared memory for sm_80/sm_90), and [`super::AttentionKernel::best`]
 //! does not choose them until a GPU has tested and timed them.
 
 pub(crate) mod backward;
@@ -132,8 +134,8 @@ pub fn shared_bytes(cfg: &FlashConfig, pass: FlashPass, element_bytes: usize) ->
 }
 
 /// The configuration `pass` launches with: 4 warps (64 rows) by tiles of 64 (32 for the
-/// backward), fewer where the
-/// device's shared memory is short (tiles first, down to 16, then warps, down to 1).
+/// backward), fewer where the device's shared memory is short (tiles first, down to 16, then
+/// warps, down to 1).
 /// FlashAttention-2 uses 4 warps × 128 rows; the sizes here are a start until a GPU has timed
 /// them (issue 18).
 pub fn config<R: Runtime, F: FloatElement>(
@@ -170,8 +172,8 @@ pub fn config<R: Runtime, F: FloatElement>(
     cfg
 }
 
-/// Whether every head dimension fits `device` at the smallest configuration (one warp, tiles of
-/// 16): the launchers refuse the flash kernels otherwise.
+/// Whether all three flash kernels fit `device` at `head_dim` once [`config`] has shrunk them
+/// (down to one warp and tiles of 16): the launchers refuse the flash kernels otherwise.
 pub fn fits<R: Runtime, F: FloatElement>(device: &Device<R>, head_dim: usize) -> bool {
     let element_bytes = F::DTYPE.size_bytes();
     [FlashPass::Forward, FlashPass::BackwardDq, FlashPass::BackwardDkDv].into_iter().all(|pass| {
